@@ -1,0 +1,210 @@
+//! Every failure the request path can produce → status + stable `code` + the JSON body of §5.
+//!
+//! One enum, one renderer (`Error::into_response`); rendering has no side effects, so the
+//! pipeline decides what to count and log, and every step can simply return `Err(..)`.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{header, HeaderValue, Response, StatusCode};
+use serde_json::{json, Value};
+
+use crate::body::Body;
+
+/// The header that marks a response as produced by tollgate rather than by the upstream.
+pub const ERROR_HEADER: &str = "x-tollgate-error";
+
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum Error {
+    /// A key-like query parameter: keys belong in the `Authorization` header.
+    #[error("API keys must be sent in the Authorization header, not in the URL (query parameter `{param}`). Remove it from the URL and rotate the key: URLs end up in logs.")]
+    KeyInUrl { param: String },
+
+    /// A request target that could route differently here and upstream (dot segments, encoded
+    /// slashes, absolute-form aimed elsewhere…). Rejected, never normalised.
+    #[error("{0}")]
+    BadRequest(String),
+
+    #[error("{message}")]
+    Unauthorized { message: String, reason: &'static str },
+
+    #[error("Your API key does not have permission to perform this action. A key with the `{required}` scope is required.")]
+    Forbidden { required: String, current: Vec<String> },
+
+    #[error("No route matches {method} {path}.")]
+    NotFound { method: String, path: String },
+
+    #[error("The request body exceeds the limit of {limit} bytes.")]
+    PayloadTooLarge { limit: u64 },
+
+    #[error("The request headers exceed the limit of {limit} bytes.")]
+    HeadersTooLarge { limit: usize },
+
+    #[error("{message}")]
+    RateLimited {
+        message: String,
+        limit: &'static str,
+        tier: Option<String>,
+        retry_after: u64,
+        /// `x-should-retry: false` — the daily budget is gone; retrying today is pointless.
+        exhausted: bool,
+    },
+
+    #[error("The upstream server could not be reached ({kind}).")]
+    UpstreamUnavailable { kind: &'static str },
+
+    #[error("{0}")]
+    Unavailable(&'static str),
+
+    #[error("The upstream server sent no response headers within {}s.", .after.as_secs_f64())]
+    UpstreamTimeout { after: Duration },
+}
+
+impl Error {
+    pub fn status(&self) -> StatusCode {
+        match self {
+            Error::KeyInUrl { .. } | Error::BadRequest(_) => StatusCode::BAD_REQUEST,
+            Error::Unauthorized { .. } => StatusCode::UNAUTHORIZED,
+            Error::Forbidden { .. } => StatusCode::FORBIDDEN,
+            Error::NotFound { .. } => StatusCode::NOT_FOUND,
+            Error::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            Error::HeadersTooLarge { .. } => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            Error::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
+            Error::UpstreamUnavailable { .. } => StatusCode::BAD_GATEWAY,
+            Error::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            Error::UpstreamTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
+        }
+    }
+
+    /// The stable snake_case code: the `code` of the body, `x-tollgate-error` and the metric label.
+    pub fn code(&self) -> &'static str {
+        match self {
+            Error::KeyInUrl { .. } => "key_in_url",
+            Error::BadRequest(_) => "bad_request",
+            Error::Unauthorized { .. } => "unauthorized",
+            Error::Forbidden { .. } => "forbidden",
+            Error::NotFound { .. } => "not_found",
+            Error::PayloadTooLarge { .. } => "payload_too_large",
+            Error::HeadersTooLarge { .. } => "headers_too_large",
+            Error::RateLimited { .. } => "rate_limited",
+            Error::UpstreamUnavailable { .. } => "upstream_unavailable",
+            Error::Unavailable(_) => "unavailable",
+            Error::UpstreamTimeout { .. } => "upstream_timeout",
+        }
+    }
+
+    /// OpenAI's error `type`, which OpenAI SDKs and tools key on.
+    fn kind(&self) -> &'static str {
+        match self {
+            Error::KeyInUrl { .. }
+            | Error::BadRequest(_)
+            | Error::NotFound { .. }
+            | Error::PayloadTooLarge { .. }
+            | Error::HeadersTooLarge { .. } => "invalid_request_error",
+            Error::Unauthorized { .. } => "authentication_error",
+            Error::Forbidden { .. } => "permission_error",
+            Error::RateLimited { .. } => "rate_limit_error",
+            Error::UpstreamUnavailable { .. } | Error::Unavailable(_) | Error::UpstreamTimeout { .. } => {
+                "server_error"
+            }
+        }
+    }
+
+    fn details(&self) -> Value {
+        match self {
+            Error::KeyInUrl { param } => json!({ "parameter": param }),
+            Error::Forbidden { required, current } => {
+                json!({ "required_scope": required, "current_scope": current })
+            }
+            Error::PayloadTooLarge { limit } => json!({ "max_body_bytes": limit }),
+            Error::HeadersTooLarge { limit } => json!({ "max_header_bytes": limit }),
+            Error::RateLimited { limit, tier, retry_after, .. } => {
+                json!({ "limit": limit, "tier": tier, "retry_after_seconds": retry_after })
+            }
+            Error::UpstreamTimeout { after } => json!({ "timeout_seconds": after.as_secs_f64() }),
+            _ => json!({}),
+        }
+    }
+
+    /// The JSON body of §5.
+    pub fn body(&self) -> Bytes {
+        let v = json!({ "error": {
+            "code": self.code(),
+            "type": self.kind(),
+            "message": self.to_string(),
+            "details": self.details(),
+        }});
+        Bytes::from(v.to_string())
+    }
+
+    /// Renders the error as a complete response. No side effects.
+    pub fn into_response(self) -> Response<Body> {
+        let mut rsp = Response::new(Body::full(self.body()));
+        *rsp.status_mut() = self.status();
+        let h = rsp.headers_mut();
+        h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        h.insert(ERROR_HEADER, HeaderValue::from_static(self.code()));
+        match &self {
+            Error::Unauthorized { .. } => {
+                h.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+            }
+            Error::RateLimited { retry_after, exhausted, .. } => {
+                h.insert(header::RETRY_AFTER, HeaderValue::from(*retry_after));
+                if *exhausted {
+                    h.insert("x-should-retry", HeaderValue::from_static("false"));
+                }
+            }
+            Error::Unavailable(_) => {
+                h.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+            }
+            _ => {}
+        }
+        rsp
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn forbidden_body_is_pinned() {
+        let e =
+            Error::Forbidden { required: "inference:write".into(), current: vec!["inference:read".into()] };
+        let v: Value = serde_json::from_slice(&e.body()).unwrap();
+        assert_eq!(
+            v,
+            json!({"error": {
+                "code": "forbidden",
+                "type": "permission_error",
+                "message": "Your API key does not have permission to perform this action. A key with the `inference:write` scope is required.",
+                "details": {"required_scope": "inference:write", "current_scope": ["inference:read"]}
+            }})
+        );
+    }
+
+    #[test]
+    fn rate_limited_headers() {
+        let rsp = Error::RateLimited {
+            message: "x".into(),
+            limit: "daily_requests",
+            tier: Some("audit".into()),
+            retry_after: 7,
+            exhausted: true,
+        }
+        .into_response();
+        assert_eq!(rsp.status(), 429);
+        assert_eq!(rsp.headers()["retry-after"], "7");
+        assert_eq!(rsp.headers()["x-should-retry"], "false");
+        assert_eq!(rsp.headers()["x-tollgate-error"], "rate_limited");
+    }
+
+    #[test]
+    fn unauthorized_carries_www_authenticate() {
+        let rsp =
+            Error::Unauthorized { message: "Missing API key.".into(), reason: "missing" }.into_response();
+        assert_eq!(rsp.headers()["www-authenticate"], "Bearer");
+        assert_eq!(rsp.headers()["content-type"], "application/json");
+    }
+}

@@ -1,0 +1,78 @@
+//! tollgate — an auth and rate-limit sidecar for OpenAI-compatible inference APIs.
+//!
+//! The request path (SPEC §1), one module per step, in flow order:
+//!
+//! ```text
+//! client ─► listener (TCP, optional TLS)          listener.rs, tls.rs
+//!        ─► HTTP/1.1 + HTTP/2 server (hyper)       server.rs
+//!        ─► THE PIPELINE                           proxy.rs   ← read this first
+//!             reject keys in the URL, bad targets  target.rs
+//!             authenticate                         (auth.rs, keys.rs — next)
+//!             route table ─► scope check           scope.rs
+//!             rate limit                           (ratelimit.rs — next)
+//!             forward, streaming both ways         forward.rs, body.rs
+//!        ─► response; metrics + access log         metrics.rs
+//! every failure → one JSON error body              error.rs
+//! ```
+//!
+//! Around it: `config` (YAML → validated `Config`), `state` (`State` and the swappable
+//! `Snapshot`), `reload` (SIGHUP / file changes).
+
+pub mod body;
+pub mod config;
+pub mod error;
+pub mod forward;
+pub mod listener;
+pub mod metrics;
+pub mod proxy;
+pub mod reload;
+pub mod scope;
+pub mod server;
+pub mod state;
+pub mod target;
+pub mod tls;
+
+use std::future::Future;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use config::Config;
+
+/// Starts serving `config` until `shutdown` resolves, then drains (§8). `log_level` applies a
+/// reloaded `log.level`. Startup problems (ports, TLS files, environment) are returned before
+/// anything is served.
+pub async fn serve(
+    config: Config,
+    config_path: Option<PathBuf>,
+    log_level: Option<reload::LogLevelHook>,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), String> {
+    let metrics = metrics::Metrics::new().map_err(|e| format!("metrics: {e}"))?;
+    let snapshot = state::Snapshot::build(config, None).map_err(|e| e.to_string())?;
+    let certs = match &snapshot.config.tls {
+        Some(files) => Some(Arc::new(tls::Certificates::load(files)?)),
+        None => None,
+    };
+    let acceptor = match &certs {
+        Some(c) => Some(tokio_rustls::TlsAcceptor::from(tls::server_config(c.clone())?)),
+        None => None,
+    };
+    let listeners = listener::Listeners::bind(snapshot.config.listen, snapshot.config.admin_listen).await?;
+    let public = listeners.public.local_addr().map_err(|e| e.to_string())?;
+    let admin = listeners.admin.local_addr().map_err(|e| e.to_string())?;
+    let state = Arc::new(state::State::new(snapshot, metrics, config_path));
+    tracing::info!(
+        public = %public,
+        admin = %admin,
+        tls = acceptor.is_some(),
+        upstream = %state.snapshot().config.upstream.url,
+        config = %reload::describe(state.config_path.as_ref()),
+        version = env!("CARGO_PKG_VERSION"),
+        "listening"
+    );
+    let reloader = reload::Reloader::new(state.clone(), certs, log_level);
+    let reload_task = tokio::spawn(reloader.run());
+    listener::serve(state, listeners, acceptor, shutdown).await;
+    reload_task.abort();
+    Ok(())
+}

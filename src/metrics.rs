@@ -1,0 +1,182 @@
+//! `Metrics`: every Prometheus series of SPEC §10, owned by one registry that hangs off `State`
+//! (no process globals, so every test and every embedded instance gets its own).
+//!
+//! Labels are low-cardinality by construction: `route` is a route *pattern* (or `unmatched`),
+//! `method` is folded to the standard methods, `code` is an error code of §5 or `ok`.
+
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
+};
+
+pub struct Metrics {
+    registry: Registry,
+    pub requests: IntCounterVec,
+    pub request_duration: HistogramVec,
+    pub upstream_duration: HistogramVec,
+    pub auth_cache_hits: IntCounter,
+    pub auth_cache_misses: IntCounter,
+    pub argon2_verifications: IntCounterVec,
+    pub auth_failures: IntCounterVec,
+    pub rate_limited: IntCounterVec,
+    pub inflight: IntGauge,
+    pub upstream_errors: IntCounterVec,
+    pub config_reloads: IntCounterVec,
+}
+
+/// Latency buckets from 1 ms to 10 min: inference requests run from milliseconds (embeddings)
+/// to many minutes (long streams).
+const REQUEST_BUCKETS: &[f64] = &[
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0,
+    600.0,
+];
+
+impl Metrics {
+    pub fn new() -> Result<Metrics, prometheus::Error> {
+        let registry = Registry::new();
+        let counter_vec =
+            |name: &str, help: &str, labels: &[&str]| -> Result<IntCounterVec, prometheus::Error> {
+                let c = IntCounterVec::new(Opts::new(name, help), labels)?;
+                registry.register(Box::new(c.clone()))?;
+                Ok(c)
+            };
+        let counter = |name: &str, help: &str| -> Result<IntCounter, prometheus::Error> {
+            let c = IntCounter::new(name, help)?;
+            registry.register(Box::new(c.clone()))?;
+            Ok(c)
+        };
+        let histogram_vec = |name: &str, help: &str| -> Result<HistogramVec, prometheus::Error> {
+            let h = HistogramVec::new(
+                HistogramOpts::new(name, help).buckets(REQUEST_BUCKETS.to_vec()),
+                &["route"],
+            )?;
+            registry.register(Box::new(h.clone()))?;
+            Ok(h)
+        };
+
+        let m = Metrics {
+            requests: counter_vec(
+                "tollgate_requests_total",
+                "Requests answered, by matched route pattern, method, status and code (`ok` or an error code).",
+                &["route", "method", "status", "code"],
+            )?,
+            request_duration: histogram_vec(
+                "tollgate_request_duration_seconds",
+                "Whole-request duration, from the request head to the last byte of the response body.",
+            )?,
+            upstream_duration: histogram_vec(
+                "tollgate_upstream_duration_seconds",
+                "Time from sending a request upstream to receiving its response headers.",
+            )?,
+            auth_cache_hits: counter(
+                "tollgate_auth_cache_hits_total",
+                "Authentications answered from the verified-key cache.",
+            )?,
+            auth_cache_misses: counter(
+                "tollgate_auth_cache_misses_total",
+                "Authentications that needed the store (and possibly Argon2id).",
+            )?,
+            argon2_verifications: counter_vec(
+                "tollgate_argon2_verifications_total",
+                "Argon2id verifications, by result (`ok`, `mismatch`, `error`).",
+                &["result"],
+            )?,
+            auth_failures: counter_vec(
+                "tollgate_auth_failures_total",
+                "Rejected authentications, by reason.",
+                &["reason"],
+            )?,
+            rate_limited: counter_vec(
+                "tollgate_rate_limited_total",
+                "Requests rejected with 429, by tier and limit.",
+                &["tier", "limit"],
+            )?,
+            inflight: IntGauge::new("tollgate_inflight_requests", "Requests in flight, streams included.")?,
+            upstream_errors: counter_vec(
+                "tollgate_upstream_errors_total",
+                "Upstream failures, by kind (`connect`, `reset`, `timeout`, `stream_idle`, `stream_broken`).",
+                &["kind"],
+            )?,
+            config_reloads: counter_vec(
+                "tollgate_config_reloads_total",
+                "Config reload attempts, by result (`success`, `error`).",
+                &["result"],
+            )?,
+            registry,
+        };
+        m.registry.register(Box::new(m.inflight.clone()))?;
+        let build = IntGaugeVec::new(
+            Opts::new("tollgate_build_info", "Build information; the value is always 1."),
+            &["version"],
+        )?;
+        build.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
+        m.registry.register(Box::new(build))?;
+        // Pre-create the reload series so that alerts on `result="error"` see a 0, not nothing.
+        for r in ["success", "error"] {
+            m.config_reloads.with_label_values(&[r]);
+        }
+        Ok(m)
+    }
+
+    /// Renders every series in the Prometheus text exposition format.
+    pub fn render(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(16 * 1024);
+        // Encoding into a Vec cannot fail on I/O; a failure would be a malformed metric family,
+        // which the registry refuses at registration time.
+        if let Err(e) = TextEncoder::new().encode(&self.registry.gather(), &mut out) {
+            tracing::error!(error = %e, "cannot encode metrics");
+        }
+        out
+    }
+
+    /// The histogram for one route, resolved once per request.
+    pub fn request_duration(&self, route: &str) -> Histogram {
+        self.request_duration.with_label_values(&[route])
+    }
+}
+
+/// Folds a method into a bounded label set: a client cannot mint new series with made-up methods.
+pub fn method_label(m: &http::Method) -> &'static str {
+    match *m {
+        http::Method::GET => "GET",
+        http::Method::POST => "POST",
+        http::Method::PUT => "PUT",
+        http::Method::DELETE => "DELETE",
+        http::Method::PATCH => "PATCH",
+        http::Method::HEAD => "HEAD",
+        http::Method::OPTIONS => "OPTIONS",
+        _ => "other",
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_the_contract_names() {
+        let m = Metrics::new().unwrap();
+        m.requests.with_label_values(&["/v1/models", "GET", "200", "ok"]).inc();
+        m.request_duration("/v1/models").observe(0.01);
+        let text = String::from_utf8(m.render()).unwrap();
+        for name in [
+            "tollgate_requests_total{code=\"ok\",method=\"GET\",route=\"/v1/models\",status=\"200\"} 1",
+            "tollgate_request_duration_seconds_bucket",
+            "tollgate_inflight_requests 0",
+            "tollgate_config_reloads_total{result=\"error\"} 0",
+            "tollgate_build_info{version=",
+            "tollgate_auth_cache_hits_total 0",
+        ] {
+            assert!(text.contains(name), "{name} missing from\n{text}");
+        }
+    }
+
+    #[test]
+    fn two_instances_do_not_share_series() {
+        let a = Metrics::new().unwrap();
+        let b = Metrics::new().unwrap();
+        a.inflight.inc();
+        assert_eq!(b.inflight.get(), 0);
+    }
+}

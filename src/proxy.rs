@@ -1,0 +1,184 @@
+//! THE PIPELINE — read this file first. One request's life, in the order of SPEC §1:
+//!
+//! 1. `reject_key_in_url`, `check_target`, header size — refuse what must never go further;
+//! 2. authenticate — `Authorization: Bearer` → principal (issue: authentication);
+//! 3. route table → scope check;
+//! 4. rate limit (issue: rate limiting);
+//! 5. forward — pooled upstream, streaming both ways;
+//! 6. response: `x-request-id`, then metrics and one access-log line when the body ends.
+//!
+//! `handle` never fails: every `Err` becomes the JSON response of §5 in one place.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use http::{HeaderMap, HeaderName, HeaderValue, Request, Response};
+use hyper::body::Incoming;
+
+use crate::body::{Body, End, Finish, Stop};
+use crate::error::Error;
+use crate::forward::{self, Identity, Peer};
+use crate::metrics::method_label;
+use crate::scope::{Handler, Route, UNMATCHED};
+use crate::state::{Snapshot, State};
+use crate::target::{check_target, reject_key_in_url};
+
+#[derive(Clone)]
+pub struct Proxy {
+    state: Arc<State>,
+}
+
+impl Proxy {
+    pub fn new(state: Arc<State>) -> Proxy {
+        Proxy { state }
+    }
+
+    /// Answers one request. Infallible: errors are rendered, never propagated to hyper.
+    pub async fn handle(&self, req: Request<Incoming>, peer: Peer) -> Response<Body> {
+        let started = Instant::now();
+        let snap = self.state.snapshot();
+        let request_id = forward::request_id(req.headers());
+        let method = method_label(req.method());
+        let path = req.uri().path().to_string();
+        let route = snap.routes.find(req.method(), &path).cloned();
+        self.state.metrics.inflight.inc();
+
+        let (mut rsp, code) = match self.pipeline(&snap, req, peer, &request_id, route.as_ref()).await {
+            Ok(rsp) => (rsp, "ok"),
+            Err(e) => {
+                let code = e.code();
+                (e.into_response(), code)
+            }
+        };
+        rsp.headers_mut().insert(HeaderName::from_static("x-request-id"), request_id.clone());
+        let status = rsp.status().as_u16();
+        rsp.body_mut().on_finish(Box::new(Record {
+            state: self.state.clone(),
+            started,
+            route: route.map(|r| r.label),
+            method,
+            path,
+            status,
+            code,
+            request_id,
+            peer,
+        }));
+        rsp
+    }
+
+    async fn pipeline(
+        &self,
+        snap: &Snapshot,
+        req: Request<Incoming>,
+        peer: Peer,
+        request_id: &HeaderValue,
+        route: Option<&Route>,
+    ) -> Result<Response<Body>, Error> {
+        reject_key_in_url(req.uri())?;
+        check_target(req.uri(), req.version(), req.headers())?;
+        check_header_size(req.headers(), snap.config.limits.max_header_bytes)?;
+
+        let route = route.ok_or_else(|| Error::NotFound {
+            method: req.method().to_string(),
+            path: req.uri().path().to_string(),
+        })?;
+        if route.handler == Handler::Keys {
+            // The key-management API arrives with authentication; until then it does not exist.
+            return Err(Error::NotFound {
+                method: req.method().to_string(),
+                path: req.uri().path().to_string(),
+            });
+        }
+
+        let (upstream_req, flag) =
+            forward::prepare(&snap.upstream, req, peer, request_id, &Identity::default())?;
+        let sent = forward::send(&snap.client, &snap.upstream, upstream_req, flag).await.map_err(
+            |(e, failure)| {
+                if let Some(f) = failure {
+                    self.state.metrics.upstream_errors.with_label_values(&[f.label()]).inc();
+                }
+                e
+            },
+        )?;
+        self.state
+            .metrics
+            .upstream_duration
+            .with_label_values(&[&route.label])
+            .observe(sent.upstream_time.as_secs_f64());
+        Ok(sent.response)
+    }
+}
+
+/// 431 before anything else reads the headers. Counted as they travel on an HTTP/1.1 wire
+/// (`name: value\r\n`), so the limit means the same for HTTP/1.1 and HTTP/2 clients.
+fn check_header_size(headers: &HeaderMap, limit: usize) -> Result<(), Error> {
+    let size: usize = headers.iter().map(|(k, v)| k.as_str().len() + v.len() + 4).sum();
+    if size > limit {
+        return Err(Error::HeadersTooLarge { limit });
+    }
+    Ok(())
+}
+
+/// Everything the access log and the request metrics need, recorded when the body ends.
+struct Record {
+    state: Arc<State>,
+    started: Instant,
+    route: Option<Arc<str>>,
+    method: &'static str,
+    path: String,
+    status: u16,
+    code: &'static str,
+    request_id: HeaderValue,
+    peer: Peer,
+}
+
+impl Finish for Record {
+    fn finish(self: Box<Self>, bytes: u64, end: End) {
+        let m = &self.state.metrics;
+        let route = self.route.as_deref().unwrap_or(UNMATCHED);
+        let status = self.status.to_string();
+        m.requests.with_label_values(&[route, self.method, &status, self.code]).inc();
+        let elapsed = self.started.elapsed();
+        m.request_duration(route).observe(elapsed.as_secs_f64());
+        m.inflight.dec();
+        let end = match end {
+            End::Complete => "complete",
+            End::ClientGone => "client_gone",
+            End::Stopped(Stop::Idle) => {
+                m.upstream_errors.with_label_values(&["stream_idle"]).inc();
+                "stream_idle"
+            }
+            End::Stopped(_) => {
+                m.upstream_errors.with_label_values(&["stream_broken"]).inc();
+                "stream_broken"
+            }
+        };
+        tracing::info!(
+            target: "access",
+            method = self.method,
+            path = %self.path,
+            route,
+            status = self.status,
+            code = self.code,
+            duration_ms = elapsed.as_secs_f64() * 1000.0,
+            bytes,
+            end,
+            request_id = self.request_id.to_str().unwrap_or("-"),
+            peer = %self.peer.addr.ip(),
+        );
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn header_size_counts_names_and_values() {
+        let mut h = HeaderMap::new();
+        h.insert("a", HeaderValue::from_static("bc")); // 1 + 2 + 4 = 7
+        assert!(check_header_size(&h, 7).is_ok());
+        assert_eq!(check_header_size(&h, 6).unwrap_err(), Error::HeadersTooLarge { limit: 6 });
+    }
+}

@@ -1,0 +1,190 @@
+//! Route table (§3): method + path pattern → required scope; first match wins. Sits after
+//! authentication in the pipeline; the matched pattern is also the `route` metric label.
+
+use std::sync::Arc;
+
+use http::Method;
+
+use crate::config::{RouteRule, RouteSpec};
+use crate::error::Error;
+
+/// Who answers a matched request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Handler {
+    /// Forwarded to the upstream.
+    Upstream,
+    /// Served by tollgate itself: the key-management API of §6.
+    Keys,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Pattern {
+    /// The whole path.
+    Exact(String),
+    /// `prefix/*`: the prefix, a slash, and at least one more character.
+    Under(String),
+    /// Any path (the REST table's catch-all).
+    Any,
+}
+
+impl Pattern {
+    fn parse(p: &str) -> Pattern {
+        match p {
+            "/*" => Pattern::Any,
+            _ => match p.strip_suffix("/*") {
+                Some(prefix) => Pattern::Under(format!("{prefix}/")),
+                None => Pattern::Exact(p.to_string()),
+            },
+        }
+    }
+
+    fn matches(&self, path: &str) -> bool {
+        match self {
+            Pattern::Exact(p) => p == path,
+            Pattern::Under(prefix) => path.len() > prefix.len() && path.starts_with(prefix.as_str()),
+            Pattern::Any => true,
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Route {
+    method: Option<Method>,
+    pattern: Pattern,
+    /// The scope a key needs for this route.
+    pub scope: Arc<str>,
+    /// The pattern as written: the `route` metric label and the access-log field.
+    pub label: Arc<str>,
+    pub handler: Handler,
+}
+
+impl Route {
+    fn new(method: Option<Method>, path: &str, scope: &str, handler: Handler) -> Route {
+        Route { method, pattern: Pattern::parse(path), scope: scope.into(), label: path.into(), handler }
+    }
+
+    /// Passes when the key's scope set contains this route's scope, exactly.
+    pub fn check<'a>(&self, scopes: impl IntoIterator<Item = &'a str> + Clone) -> Result<(), Error> {
+        if scopes.clone().into_iter().any(|s| s == &*self.scope) {
+            Ok(())
+        } else {
+            Err(Error::Forbidden {
+                required: self.scope.to_string(),
+                current: scopes.into_iter().map(str::to_string).collect(),
+            })
+        }
+    }
+}
+
+/// The label of requests that matched no route.
+pub const UNMATCHED: &str = "unmatched";
+
+#[derive(Debug, Clone)]
+pub struct RouteTable {
+    routes: Vec<Route>,
+    /// Used for unmatched requests when `default_scope` is set.
+    fallback: Option<Route>,
+}
+
+impl RouteTable {
+    pub fn new(spec: &RouteSpec, default_scope: Option<&str>) -> RouteTable {
+        // The key API is tollgate's own and always needs `admin:keys`: it comes first in every
+        // table so that a custom list can neither shadow nor weaken it.
+        let mut routes = vec![
+            Route::new(None, "/v1/keys", "admin:keys", Handler::Keys),
+            Route::new(None, "/v1/keys/*", "admin:keys", Handler::Keys),
+        ];
+        match spec {
+            RouteSpec::OpenAi => {
+                for p in ["/v1/models", "/v1/models/*"] {
+                    routes.push(Route::new(Some(Method::GET), p, "inference:read", Handler::Upstream));
+                }
+                for p in ["/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/responses"] {
+                    routes.push(Route::new(Some(Method::POST), p, "inference:write", Handler::Upstream));
+                }
+            }
+            RouteSpec::Rest => {
+                routes.push(Route::new(Some(Method::GET), "/*", "read", Handler::Upstream));
+                routes.push(Route::new(Some(Method::HEAD), "/*", "read", Handler::Upstream));
+                routes.push(Route::new(None, "/*", "write", Handler::Upstream));
+            }
+            RouteSpec::List(rules) => {
+                for RouteRule { method, path, scope } in rules {
+                    routes.push(Route::new(method.clone(), path, scope, Handler::Upstream));
+                }
+            }
+        }
+        let fallback = default_scope.map(|s| Route::new(None, "/*", s, Handler::Upstream)).map(|mut r| {
+            r.label = "default".into();
+            r
+        });
+        RouteTable { routes, fallback }
+    }
+
+    /// The first route matching method and path; `None` is answered 404 by the caller.
+    pub fn find(&self, method: &Method, path: &str) -> Option<&Route> {
+        self.routes
+            .iter()
+            .find(|r| r.method.as_ref().is_none_or(|m| m == method) && r.pattern.matches(path))
+            .or(self.fallback.as_ref())
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn table() -> RouteTable {
+        RouteTable::new(&RouteSpec::OpenAi, None)
+    }
+
+    #[test]
+    fn builtin_table() {
+        let t = table();
+        let label = |m: Method, p: &str| t.find(&m, p).map(|r| (r.label.to_string(), r.scope.to_string()));
+        assert_eq!(label(Method::GET, "/v1/models"), Some(("/v1/models".into(), "inference:read".into())));
+        assert_eq!(
+            label(Method::GET, "/v1/models/gpt-x"),
+            Some(("/v1/models/*".into(), "inference:read".into()))
+        );
+        assert_eq!(label(Method::GET, "/v1/models/"), None);
+        assert_eq!(label(Method::POST, "/v1/models"), None);
+        assert_eq!(
+            label(Method::POST, "/v1/chat/completions"),
+            Some(("/v1/chat/completions".into(), "inference:write".into()))
+        );
+        assert_eq!(label(Method::GET, "/v1/chat/completions"), None);
+        assert_eq!(label(Method::DELETE, "/v1/keys/abc").map(|l| l.1), Some("admin:keys".into()));
+        assert_eq!(t.find(&Method::GET, "/v1/keys").unwrap().handler, Handler::Keys);
+        assert_eq!(label(Method::GET, "/v1/modelsX"), None);
+    }
+
+    #[test]
+    fn rest_table_and_default_scope() {
+        let t = RouteTable::new(&RouteSpec::Rest, None);
+        assert_eq!(&*t.find(&Method::GET, "/anything").unwrap().scope, "read");
+        assert_eq!(&*t.find(&Method::HEAD, "/anything").unwrap().scope, "read");
+        assert_eq!(&*t.find(&Method::PATCH, "/anything").unwrap().scope, "write");
+        assert_eq!(&*t.find(&Method::GET, "/v1/keys").unwrap().scope, "admin:keys");
+
+        let t = RouteTable::new(&RouteSpec::OpenAi, Some("inference:read"));
+        let r = t.find(&Method::GET, "/health").unwrap();
+        assert_eq!((&*r.label, &*r.scope), ("default", "inference:read"));
+    }
+
+    #[test]
+    fn scope_check_is_exact() {
+        let t = table();
+        let r = t.find(&Method::POST, "/v1/embeddings").unwrap();
+        assert!(r.check(["inference:write"]).is_ok());
+        let e = r.check(["inference:read", "inference:writer"]).unwrap_err();
+        assert_eq!(
+            e,
+            Error::Forbidden {
+                required: "inference:write".into(),
+                current: vec!["inference:read".into(), "inference:writer".into()]
+            }
+        );
+    }
+}

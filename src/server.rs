@@ -1,0 +1,123 @@
+//! HTTP serving: the hyper-util auto builder (HTTP/1.1 and h2c/h2 on one port) with its timers
+//! and limits, the per-connection service that hands requests to the pipeline, and the admin
+//! routes (`/healthz`, `/readyz`, `/metrics`).
+
+use std::convert::Infallible;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{header, HeaderValue, Method, Request, Response, StatusCode};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::Watcher;
+use tokio::io::{AsyncRead, AsyncWrite};
+
+use crate::config::Limits;
+use crate::forward::Peer;
+use crate::proxy::Proxy;
+use crate::state::State;
+
+/// hyper's own header buffer must be larger than `max_header_bytes`, so that oversized headers
+/// reach the pipeline and get the JSON 431 of §5. Past this hard cap hyper answers a bare 431.
+fn hard_header_cap(limits: &Limits) -> usize {
+    (limits.max_header_bytes * 4).max(256 * 1024)
+}
+
+/// The connection builder for one config generation's limits. Timers are set explicitly:
+/// without one, hyper silently ignores `header_read_timeout` and the HTTP/2 keep-alive.
+pub fn builder(limits: &Limits) -> auto::Builder<TokioExecutor> {
+    let mut b = auto::Builder::new(TokioExecutor::new());
+    b.http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_read_timeout)
+        .max_buf_size(hard_header_cap(limits))
+        .keep_alive(true);
+    b.http2()
+        .timer(TokioTimer::new())
+        .max_header_list_size(u32::try_from(hard_header_cap(limits)).unwrap_or(u32::MAX))
+        .keep_alive_interval(Duration::from_secs(30))
+        .keep_alive_timeout(Duration::from_secs(20))
+        .max_concurrent_streams(1024);
+    b
+}
+
+/// Serves one accepted connection until it closes, the drain ends it, or it sends no request
+/// within `header_read_timeout` (hyper's own header timer only starts once the protocol is
+/// known, so a silent connection would otherwise stay open forever).
+pub async fn serve_public<I>(io: I, peer: Peer, proxy: Proxy, limits: Limits, watcher: Watcher)
+where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let seen_request = Arc::new(AtomicBool::new(false));
+    let seen = seen_request.clone();
+    let service = service_fn(move |req: Request<Incoming>| {
+        seen.store(true, Ordering::Relaxed);
+        let proxy = proxy.clone();
+        async move { Ok::<_, Infallible>(proxy.handle(req, peer).await) }
+    });
+    let builder = builder(&limits);
+    let conn = builder.serve_connection(TokioIo::new(io), service).into_owned();
+    let conn = watcher.watch(conn);
+    tokio::pin!(conn);
+    let first_request_deadline = tokio::time::sleep(limits.header_read_timeout);
+    tokio::pin!(first_request_deadline);
+    tokio::select! {
+        res = &mut conn => {
+            if let Err(e) = res {
+                tracing::debug!(peer = %peer.addr, error = %e, "connection ended with an error");
+            }
+        }
+        _ = &mut first_request_deadline, if !seen_request.load(Ordering::Relaxed) => {
+            tracing::debug!(peer = %peer.addr, "no request within header_read_timeout; closing");
+        }
+    }
+}
+
+/// The admin listener's routes.
+pub fn admin(state: &State, req: &Request<Incoming>) -> Response<Full<Bytes>> {
+    let text = |status: StatusCode, body: &'static str| {
+        let mut r = Response::new(Full::new(Bytes::from_static(body.as_bytes())));
+        *r.status_mut() = status;
+        r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
+        r
+    };
+    if req.method() != Method::GET && req.method() != Method::HEAD {
+        return text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n");
+    }
+    match req.uri().path() {
+        "/healthz" => text(StatusCode::OK, "ok\n"),
+        "/readyz" if state.is_draining() => text(StatusCode::SERVICE_UNAVAILABLE, "draining\n"),
+        "/readyz" => text(StatusCode::OK, "ready\n"),
+        "/metrics" => {
+            let mut r = Response::new(Full::new(Bytes::from(state.metrics.render())));
+            r.headers_mut().insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+            );
+            r
+        }
+        _ => text(StatusCode::NOT_FOUND, "not found: try /healthz, /readyz or /metrics\n"),
+    }
+}
+
+/// Serves one admin connection (HTTP/1.1 and h2c, like the public listener).
+pub async fn serve_admin<I>(io: I, state: Arc<State>, watcher: Watcher)
+where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let service = service_fn(move |req: Request<Incoming>| {
+        let rsp = admin(&state, &req);
+        async move { Ok::<_, Infallible>(rsp) }
+    });
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder.http1().timer(TokioTimer::new()).header_read_timeout(Duration::from_secs(10));
+    let conn = builder.serve_connection(TokioIo::new(io), service).into_owned();
+    if let Err(e) = watcher.watch(conn).await {
+        tracing::debug!(error = %e, "admin connection ended with an error");
+    }
+}

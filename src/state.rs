@@ -1,0 +1,96 @@
+//! `State` lives as long as the process (metrics, readiness, the current snapshot); `Snapshot`
+//! is one config generation with everything derived from it (route table, upstream target,
+//! client). A reload builds a whole new `Snapshot` and swaps it in one atomic store: a request
+//! sees one generation from start to end, and readers never lock.
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use http::HeaderValue;
+
+use crate::config::{Config, ConfigError, Problem};
+use crate::forward;
+use crate::metrics::Metrics;
+use crate::scope::RouteTable;
+
+/// One config generation, immutable once built.
+pub struct Snapshot {
+    pub config: Config,
+    pub routes: RouteTable,
+    pub upstream: forward::Upstream,
+    pub client: forward::Client,
+}
+
+impl Snapshot {
+    /// Derives everything a request needs from a validated config. The upstream client (and so
+    /// its pool of warm connections) is kept from `previous` unless its own settings changed.
+    pub fn build(config: Config, previous: Option<&Snapshot>) -> Result<Snapshot, ConfigError> {
+        let authorization = match &config.upstream.api_key_env {
+            None => None,
+            Some(var) => {
+                let problem = |message: String| ConfigError {
+                    source_name: "environment".into(),
+                    problems: vec![Problem { path: "upstream.api_key_env".into(), message }],
+                };
+                let key = std::env::var(var)
+                    .map_err(|_| problem(format!("environment variable `{var}` is not set")))?;
+                let mut v = HeaderValue::from_str(&format!("Bearer {}", key.trim())).map_err(|_| {
+                    problem(format!("environment variable `{var}` is not a valid header value"))
+                })?;
+                v.set_sensitive(true);
+                Some(v)
+            }
+        };
+        let client = match previous {
+            Some(p) if p.config.upstream.connect_timeout == config.upstream.connect_timeout => {
+                p.client.clone()
+            }
+            _ => forward::client(config.upstream.connect_timeout),
+        };
+        Ok(Snapshot {
+            routes: RouteTable::new(&config.routes, config.default_scope.as_deref()),
+            upstream: forward::Upstream::new(&config.upstream, &config.limits, authorization),
+            client,
+            config,
+        })
+    }
+}
+
+pub struct State {
+    pub metrics: Metrics,
+    snapshot: ArcSwap<Snapshot>,
+    draining: AtomicBool,
+    /// The file `serve` was started with; `None` on the embedded defaults.
+    pub config_path: Option<PathBuf>,
+}
+
+impl State {
+    pub fn new(snapshot: Snapshot, metrics: Metrics, config_path: Option<PathBuf>) -> State {
+        State {
+            metrics,
+            snapshot: ArcSwap::from_pointee(snapshot),
+            draining: AtomicBool::new(false),
+            config_path,
+        }
+    }
+
+    /// The current generation; hold it for the whole request.
+    pub fn snapshot(&self) -> Arc<Snapshot> {
+        self.snapshot.load_full()
+    }
+
+    pub fn swap(&self, next: Snapshot) {
+        self.snapshot.store(Arc::new(next));
+    }
+
+    /// Readiness turns 503 from here on; requests are still served until the drain ends.
+    pub fn start_draining(&self) {
+        self.draining.store(true, Ordering::SeqCst);
+    }
+
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::SeqCst)
+    }
+}

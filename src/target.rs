@@ -1,0 +1,181 @@
+//! The request target, checked before anything else (§1, §7): keys in the URL are refused, and a
+//! path that the upstream could read as a different route than the route table does — dot
+//! segments, encoded dots or slashes, empty segments, absolute-form aimed elsewhere — is
+//! rejected with 400, never normalised. What passes here is forwarded byte for byte, so the path
+//! the scope check evaluates is exactly the path the upstream receives.
+
+use http::{header, HeaderMap, Uri, Version};
+
+use crate::error::Error;
+
+/// Query parameter names that carry keys in the wild (compared case-insensitively, decoded).
+const KEY_PARAMS: &[&str] = &["api_key", "apikey", "api-key", "key", "access_token", "token"];
+
+/// Refuses a key-like query parameter (400 `key_in_url`).
+pub fn reject_key_in_url(uri: &Uri) -> Result<(), Error> {
+    let Some(query) = uri.query() else {
+        return Ok(());
+    };
+    for pair in query.split('&') {
+        let name = pair.split('=').next().unwrap_or_default();
+        let name = decode_component(name);
+        if KEY_PARAMS.iter().any(|k| k.eq_ignore_ascii_case(&name)) {
+            return Err(Error::KeyInUrl { param: name });
+        }
+    }
+    Ok(())
+}
+
+/// Refuses targets that could route differently here and upstream (400 `bad_request`).
+pub fn check_target(uri: &Uri, version: Version, headers: &HeaderMap) -> Result<(), Error> {
+    let bad = |why: &str| Err(Error::BadRequest(format!("Invalid request target: {why}.")));
+    // HTTP/2 always carries scheme and authority in the URI; for HTTP/1 they only appear in
+    // absolute-form, which a sidecar accepts only when it names the host it was sent to.
+    if version < Version::HTTP_2 {
+        if let Some(authority) = uri.authority() {
+            let host = headers.get(header::HOST).and_then(|h| h.to_str().ok());
+            if host != Some(authority.as_str()) {
+                return bad("absolute-form targets must name the same host as the Host header");
+            }
+        }
+    }
+    let path = uri.path();
+    if !path.starts_with('/') {
+        return bad("the path must start with `/`");
+    }
+    check_path(path).or_else(bad)
+}
+
+fn check_path(path: &str) -> Result<(), &'static str> {
+    let bytes = path.as_bytes();
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'\\' => return Err("backslashes are not allowed in the path"),
+            b'%' => {
+                let hex = |b: Option<&u8>| b.and_then(|b| (*b as char).to_digit(16));
+                let (Some(hi), Some(lo)) = (hex(bytes.get(i + 1)), hex(bytes.get(i + 2))) else {
+                    return Err("malformed percent-encoding in the path");
+                };
+                let decoded = u8::try_from(hi * 16 + lo).unwrap_or(0);
+                if decoded.is_ascii_alphanumeric() || b"-._~".contains(&decoded) {
+                    // Decoding these changes nothing for a conforming server but lets a
+                    // non-conforming one see another route: `/v1/%63hat/completions`.
+                    return Err(
+                        "percent-encoded unreserved characters (such as `%2e`) are not allowed in the path",
+                    );
+                }
+                if matches!(decoded, b'/' | b'\\') {
+                    return Err("encoded slashes are not allowed in the path");
+                }
+                if decoded < 0x20 || decoded == 0x7f {
+                    return Err("encoded control characters are not allowed in the path");
+                }
+                i += 3;
+                continue;
+            }
+            _ => {}
+        }
+        i += 1;
+    }
+    for segment in path.split('/').skip(1) {
+        if segment == "." || segment == ".." {
+            return Err("dot segments (`.` or `..`) are not allowed in the path");
+        }
+    }
+    if path.contains("//") {
+        return Err("empty path segments (`//`) are not allowed");
+    }
+    Ok(())
+}
+
+/// Percent-decodes a query component (`+` is a space there), lossily.
+fn decode_component(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        match b[i] {
+            b'+' => out.push(b' '),
+            b'%' => {
+                let hex = b.get(i + 1..i + 3).and_then(|h| std::str::from_utf8(h).ok());
+                match hex.and_then(|h| u8::from_str_radix(h, 16).ok()) {
+                    Some(v) => {
+                        out.push(v);
+                        i += 3;
+                        continue;
+                    }
+                    None => out.push(b'%'),
+                }
+            }
+            c => out.push(c),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn target(t: &str) -> Result<(), Error> {
+        let uri: Uri = t.parse().unwrap();
+        check_target(&uri, Version::HTTP_11, &HeaderMap::new())
+    }
+
+    #[test]
+    fn keys_in_the_query_are_refused() {
+        for q in [
+            "/v1/models?api_key=x",
+            "/v1/models?a=1&KEY=x",
+            "/v1/models?access_token",
+            "/v1/models?api%5Fkey=x",
+            "/v1/models?Token=",
+        ] {
+            let e = reject_key_in_url(&q.parse().unwrap()).unwrap_err();
+            assert_eq!(e.code(), "key_in_url", "{q}");
+        }
+        for q in ["/v1/models", "/v1/models?monkey=1", "/v1/models?keys=1&tokens=2"] {
+            assert!(reject_key_in_url(&q.parse().unwrap()).is_ok(), "{q}");
+        }
+    }
+
+    #[test]
+    fn path_tricks_are_rejected() {
+        for t in [
+            "/v1/../v1/keys",
+            "/v1/./models",
+            "/v1/%2e%2e/keys",
+            "/v1/%2E./keys",
+            "/v1/models%2fx",
+            "/v1/models%2Fx",
+            "/v1/%63hat/completions",
+            "/v1//models",
+            "/v1/models/..",
+            "/v1/models%5c..",
+            "/v1/models%00",
+            "/v1/models%zz",
+            "/v1/models%2",
+        ] {
+            let e = target(t).unwrap_err();
+            assert_eq!(e.code(), "bad_request", "{t}");
+        }
+        for t in ["/v1/models", "/v1/models/", "/v1/models/a%20b", "/v1/models/x.y", "/v1/models/..x", "/"] {
+            assert!(target(t).is_ok(), "{t}");
+        }
+    }
+
+    #[test]
+    fn absolute_form_must_name_the_host() {
+        let uri: Uri = "http://evil.example/v1/models".parse().unwrap();
+        let mut h = HeaderMap::new();
+        h.insert(header::HOST, "api.local".parse().unwrap());
+        assert!(check_target(&uri, Version::HTTP_11, &h).is_err());
+        h.insert(header::HOST, "evil.example".parse().unwrap());
+        assert!(check_target(&uri, Version::HTTP_11, &h).is_ok());
+        // HTTP/2 always has an authority in the URI.
+        assert!(check_target(&uri, Version::HTTP_2, &HeaderMap::new()).is_ok());
+    }
+}
