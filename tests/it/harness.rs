@@ -1,0 +1,227 @@
+//! Runs tollgate as users do: the real binary, a real config file, real sockets. Each instance
+//! binds `127.0.0.1:0` for both listeners and reports the ports in its JSON `listening` log line.
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::{Request, Response};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper_util::client::legacy::{connect::HttpConnector, Client};
+use hyper_util::rt::TokioExecutor;
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_tollgate");
+
+pub struct Builder {
+    sections: BTreeMap<String, String>,
+    env: Vec<(String, String)>,
+}
+
+impl Builder {
+    /// Sets a top-level config section, as YAML text (flow or block), replacing the default.
+    pub fn section(mut self, name: &str, yaml: &str) -> Self {
+        self.sections.insert(name.to_string(), yaml.to_string());
+        self
+    }
+
+    pub fn env(mut self, k: &str, v: &str) -> Self {
+        self.env.push((k.into(), v.into()));
+        self
+    }
+
+    pub fn yaml(&self) -> String {
+        self.sections.iter().map(|(k, v)| format!("{k}: {v}\n")).collect()
+    }
+
+    pub fn start(self) -> Tollgate {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let config = dir.path().join("tollgate.yaml");
+        std::fs::write(&config, self.yaml()).expect("write config");
+        Tollgate::spawn(dir, config, &self.env)
+    }
+}
+
+pub struct Tollgate {
+    child: Child,
+    pub addr: SocketAddr,
+    pub admin: SocketAddr,
+    pub config: PathBuf,
+    logs: Arc<Mutex<Vec<String>>>,
+    _dir: tempfile::TempDir,
+}
+
+impl Tollgate {
+    pub fn builder(upstream: &str) -> Builder {
+        let mut sections = BTreeMap::new();
+        sections.insert("listen".into(), "127.0.0.1:0".into());
+        sections.insert("admin_listen".into(), "127.0.0.1:0".into());
+        sections.insert("log".into(), "{ format: json, level: debug }".into());
+        sections.insert("upstream".into(), format!("{{ url: \"{upstream}\" }}"));
+        sections.insert("shutdown".into(), "{ drain_delay: 0s, timeout: 10s }".into());
+        Builder { sections, env: Vec::new() }
+    }
+
+    fn spawn(dir: tempfile::TempDir, config: PathBuf, env: &[(String, String)]) -> Tollgate {
+        let mut cmd = Command::new(BIN);
+        cmd.arg("serve").arg("--config").arg(&config).current_dir(dir.path());
+        cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).stdin(Stdio::null());
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().expect("spawn tollgate");
+        let logs = Arc::new(Mutex::new(Vec::new()));
+        let (tx, rx) = std::sync::mpsc::channel();
+        for stream in [
+            Box::new(child.stdout.take().expect("stdout")) as Box<dyn std::io::Read + Send>,
+            Box::new(child.stderr.take().expect("stderr")),
+        ] {
+            let logs = logs.clone();
+            let tx = tx.clone();
+            std::thread::spawn(move || {
+                for line in BufReader::new(stream).lines().map_while(Result::ok) {
+                    if line.contains("\"listening\"") {
+                        let _ = tx.send(line.clone());
+                    }
+                    logs.lock().expect("lock").push(line);
+                }
+            });
+        }
+        let line = match rx.recv_timeout(Duration::from_secs(20)) {
+            Ok(l) => l,
+            Err(_) => {
+                let _ = child.kill();
+                panic!("tollgate did not start: {:?}", logs.lock().expect("lock"));
+            }
+        };
+        let v: serde_json::Value = serde_json::from_str(&line).expect("json log line");
+        let addr = v["public"].as_str().expect("public").parse().expect("addr");
+        let admin = v["admin"].as_str().expect("admin").parse().expect("addr");
+        Tollgate { child, addr, admin, config, logs, _dir: dir }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.addr, path)
+    }
+
+    pub fn admin_url(&self, path: &str) -> String {
+        format!("http://{}{}", self.admin, path)
+    }
+
+    pub fn logs(&self) -> String {
+        self.logs.lock().expect("lock").join("\n")
+    }
+
+    /// Waits until a log line contains `needle`.
+    pub async fn wait_log(&self, needle: &str, within: Duration) -> bool {
+        let start = Instant::now();
+        while start.elapsed() < within {
+            if self.logs().contains(needle) {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        false
+    }
+
+    pub fn signal(&self, sig: &str) {
+        let ok = Command::new("kill")
+            .arg(format!("-{sig}"))
+            .arg(self.child.id().to_string())
+            .status()
+            .expect("kill")
+            .success();
+        assert!(ok, "kill -{sig} failed");
+    }
+
+    /// Waits for the process to exit, up to `within`.
+    pub async fn wait_exit(&mut self, within: Duration) -> Option<ExitStatus> {
+        let start = Instant::now();
+        while start.elapsed() < within {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Some(status);
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        None
+    }
+
+    /// The current value of a metric series (exact line prefix, labels in Prometheus order).
+    pub async fn metric(&self, series: &str) -> Option<f64> {
+        let text = get_text(&self.admin_url("/metrics")).await;
+        text.lines()
+            .find_map(|l| l.strip_prefix(series).and_then(|rest| rest.strip_prefix(' ')))
+            .and_then(|v| v.trim().parse().ok())
+    }
+}
+
+impl Drop for Tollgate {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub type TestClient = Client<HttpConnector, Full<Bytes>>;
+
+/// HTTP/1.1 client, pooled.
+pub fn h1() -> TestClient {
+    Client::builder(TokioExecutor::new()).build(HttpConnector::new())
+}
+
+/// HTTP/2 with prior knowledge (h2c).
+pub fn h2c() -> TestClient {
+    Client::builder(TokioExecutor::new()).http2_only(true).build(HttpConnector::new())
+}
+
+pub fn get(url: &str) -> http::request::Builder {
+    Request::get(url)
+}
+
+pub fn post_json(url: &str) -> http::request::Builder {
+    Request::post(url).header("content-type", "application/json")
+}
+
+pub async fn send(client: &TestClient, req: Request<Full<Bytes>>) -> Response<Incoming> {
+    tokio::time::timeout(Duration::from_secs(30), client.request(req))
+        .await
+        .expect("response within 30s")
+        .expect("response")
+}
+
+/// Sends and reads the whole body as JSON.
+pub async fn send_json(client: &TestClient, req: Request<Full<Bytes>>) -> (Response<()>, serde_json::Value) {
+    let rsp = send(client, req).await;
+    let (parts, body) = rsp.into_parts();
+    let bytes = body.collect().await.expect("body").to_bytes();
+    let v = serde_json::from_slice(&bytes)
+        .unwrap_or_else(|_| panic!("not JSON: {}", String::from_utf8_lossy(&bytes)));
+    (Response::from_parts(parts, ()), v)
+}
+
+pub async fn get_text(url: &str) -> String {
+    let rsp = send(&h1(), get(url).body(Full::default()).expect("req")).await;
+    let bytes = rsp.into_body().collect().await.expect("body").to_bytes();
+    String::from_utf8_lossy(&bytes).into_owned()
+}
+
+pub async fn status_of(url: &str) -> u16 {
+    send(&h1(), get(url).body(Full::default()).expect("req")).await.status().as_u16()
+}
+
+/// Asserts the §5 error shape and returns the body.
+#[track_caller]
+pub fn assert_error(rsp: &Response<()>, body: &serde_json::Value, status: u16, code: &str) {
+    assert_eq!(rsp.status().as_u16(), status, "status; body {body}");
+    assert_eq!(rsp.headers()["content-type"], "application/json");
+    assert_eq!(rsp.headers()["x-tollgate-error"], code);
+    assert_eq!(body["error"]["code"], code, "{body}");
+    assert!(body["error"]["message"].as_str().is_some_and(|m| !m.is_empty()), "{body}");
+    assert!(body["error"]["type"].is_string(), "{body}");
+    assert!(body["error"]["details"].is_object(), "{body}");
+}

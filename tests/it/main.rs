@@ -1,0 +1,11 @@
+//! One integration-test binary: tollgate runs as a real process against a real upstream.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod harness;
+mod upstream;
+
+mod cli;
+mod lifecycle;
+mod proxy;
+mod streaming;
+mod tls;

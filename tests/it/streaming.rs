@@ -1,0 +1,156 @@
+//! Streaming (§7): server-sent events leave tollgate as they arrive, over HTTP/1.1 and HTTP/2;
+//! a client that goes away cancels the upstream request; stalled and broken streams end.
+//! Timing margins are generous: events are 300 ms apart and only ordering in time is asserted.
+
+use std::time::{Duration, Instant};
+
+use http_body_util::{BodyExt, Full};
+
+use crate::harness::*;
+use crate::upstream::Upstream;
+
+/// Reads a streaming body frame by frame, timestamping each `data:` event.
+async fn event_times(rsp: hyper::Response<hyper::body::Incoming>, start: Instant) -> Vec<(Duration, String)> {
+    let mut body = rsp.into_body();
+    let mut out = Vec::new();
+    let mut buf = String::new();
+    while let Some(frame) = body.frame().await {
+        let frame = frame.expect("stream frame");
+        if let Some(d) = frame.data_ref() {
+            buf.push_str(&String::from_utf8_lossy(d));
+            while let Some(end) = buf.find("\n\n") {
+                let event: String = buf.drain(..end + 2).collect();
+                out.push((start.elapsed(), event.trim().to_string()));
+            }
+        }
+    }
+    out
+}
+
+async fn sse_arrives_event_by_event(client: TestClient) {
+    let up = Upstream::start().await;
+    let tg = Tollgate::builder(&up.url()).start();
+    let req = post_json(&tg.url("/v1/chat/completions"))
+        .header("x-mock", "sse")
+        .header("x-mock-events", "5")
+        .header("x-mock-interval-ms", "300")
+        .body(Full::from(r#"{"stream":true}"#))
+        .unwrap();
+    let start = Instant::now();
+    let rsp = send(&client, req).await;
+    assert_eq!(rsp.status(), 200);
+    assert_eq!(rsp.headers()["content-type"], "text/event-stream");
+    let events = event_times(rsp, start).await;
+    let names: Vec<&str> = events.iter().map(|(_, e)| e.as_str()).collect();
+    assert_eq!(
+        names,
+        [
+            "data: {\"n\":0}",
+            "data: {\"n\":1}",
+            "data: {\"n\":2}",
+            "data: {\"n\":3}",
+            "data: {\"n\":4}",
+            "data: [DONE]"
+        ]
+    );
+    // Each of events 1..4 was sent 300 ms after the previous one; buffering would bunch them.
+    for pair in events[..5].windows(2) {
+        let gap = pair[1].0 - pair[0].0;
+        assert!(gap >= Duration::from_millis(150), "events bunched together: {events:?}");
+    }
+    assert!(events[0].0 < events[4].0 - Duration::from_millis(900), "first event held back: {events:?}");
+}
+
+#[tokio::test]
+async fn sse_events_arrive_one_by_one_over_http1() {
+    sse_arrives_event_by_event(h1()).await;
+}
+
+#[tokio::test]
+async fn sse_events_arrive_one_by_one_over_h2c() {
+    sse_arrives_event_by_event(h2c()).await;
+}
+
+#[tokio::test]
+async fn a_client_that_leaves_before_headers_cancels_the_upstream_request() {
+    let up = Upstream::start().await;
+    let tg = Tollgate::builder(&up.url()).start();
+    let req = "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nx-mock: hang\r\ncontent-length: 2\r\n\r\n{}";
+    let mut s = tokio::net::TcpStream::connect(tg.addr).await.unwrap();
+    tokio::io::AsyncWriteExt::write_all(&mut s, req.as_bytes()).await.unwrap();
+    assert!(up.wait_for("hang_started", Duration::from_secs(5)).await);
+    drop(s);
+    assert!(
+        up.wait_for("hang_cancelled", Duration::from_secs(5)).await,
+        "the upstream request outlived its client: {:?}",
+        up.events()
+    );
+}
+
+async fn leaving_mid_stream_cancels(client: TestClient) {
+    let up = Upstream::start().await;
+    let tg = Tollgate::builder(&up.url()).start();
+    let req = post_json(&tg.url("/v1/chat/completions"))
+        .header("x-mock", "sse")
+        .header("x-mock-events", "1000")
+        .header("x-mock-interval-ms", "50")
+        .body(Full::from("{}"))
+        .unwrap();
+    let rsp = send(&client, req).await;
+    let mut body = rsp.into_body();
+    let first = body.frame().await.unwrap().unwrap();
+    assert!(first.data_ref().is_some());
+    drop(body);
+    drop(client);
+    assert!(
+        up.wait_for("sse_dropped", Duration::from_secs(5)).await,
+        "the upstream stream outlived its client: {:?}",
+        up.events()
+    );
+    assert!(!up.events().contains(&"sse_done".to_string()));
+}
+
+#[tokio::test]
+async fn a_client_that_leaves_mid_stream_cancels_the_upstream_over_http1() {
+    leaving_mid_stream_cancels(h1()).await;
+}
+
+#[tokio::test]
+async fn a_client_that_leaves_mid_stream_cancels_the_upstream_over_h2c() {
+    leaving_mid_stream_cancels(h2c()).await;
+}
+
+#[tokio::test]
+async fn a_stalled_stream_is_ended_after_stream_idle_timeout() {
+    let up = Upstream::start().await;
+    let tg = Tollgate::builder(&up.url()).section("limits", "{ stream_idle_timeout: 500ms }").start();
+    let req = post_json(&tg.url("/v1/chat/completions")).header("x-mock", "stall").body(Full::from("{}"));
+    let start = Instant::now();
+    let rsp = send(&h1(), req.unwrap()).await;
+    assert_eq!(rsp.status(), 200);
+    let mut body = rsp.into_body();
+    assert!(body.frame().await.unwrap().is_ok(), "the first event arrives");
+    let end = tokio::time::timeout(Duration::from_secs(10), async {
+        while let Some(Ok(_)) = body.frame().await {}
+    })
+    .await;
+    assert!(end.is_ok(), "the stalled stream was never ended");
+    assert!(start.elapsed() >= Duration::from_millis(450));
+    assert!(up.wait_for("stall_dropped", Duration::from_secs(5)).await, "upstream stream not released");
+    assert!(tg.wait_log("stream_idle", Duration::from_secs(5)).await);
+    assert_eq!(tg.metric("tollgate_upstream_errors_total{kind=\"stream_idle\"}").await, Some(1.0));
+}
+
+#[tokio::test]
+async fn a_stream_broken_by_the_upstream_is_broken_for_the_client() {
+    let up = Upstream::start().await;
+    let tg = Tollgate::builder(&up.url()).start();
+    let req = post_json(&tg.url("/v1/chat/completions")).header("x-mock", "close").body(Full::from("{}"));
+    let rsp = send(&h1(), req.unwrap()).await;
+    // Headers were already sent: the client sees a 200 whose body ends in an error, never a
+    // complete-looking truncated body, and never a 502 after the fact.
+    assert_eq!(rsp.status(), 200);
+    let result = tokio::time::timeout(Duration::from_secs(10), rsp.into_body().collect()).await.unwrap();
+    assert!(result.is_err(), "a broken stream looked complete");
+    assert!(tg.wait_log("stream_broken", Duration::from_secs(5)).await);
+}
