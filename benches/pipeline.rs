@@ -15,7 +15,7 @@ fn target(c: &mut Criterion) {
     c.bench_function("target/check", |b| {
         b.iter(|| {
             let u = black_box(&uri);
-            reject_key_in_url(u).is_ok() && check_target(u, Version::HTTP_11, &headers).is_ok()
+            reject_key_in_url(u, "tg").is_ok() && check_target(u, Version::HTTP_11, &headers).is_ok()
         })
     });
 }

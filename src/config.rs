@@ -124,6 +124,26 @@ struct RawAuth {
     workspace: Option<String>,
     cache_ttl: Option<serde_yaml::Value>,
     cache_capacity: Option<serde_yaml::Value>,
+    negative_cache_ttl: Option<serde_yaml::Value>,
+    revocation_poll: Option<serde_yaml::Value>,
+    revocation_retention: Option<serde_yaml::Value>,
+    argon2: RawArgon2,
+    failed_auth: RawFailedAuth,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+struct RawArgon2 {
+    memory_kib: Option<serde_yaml::Value>,
+    iterations: Option<serde_yaml::Value>,
+    parallelism: Option<serde_yaml::Value>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+struct RawFailedAuth {
+    per_second: Option<serde_yaml::Value>,
+    burst: Option<serde_yaml::Value>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -215,6 +235,16 @@ pub struct Auth {
     pub workspace: Option<String>,
     pub cache_ttl: Duration,
     pub cache_capacity: u64,
+    /// How long a failed verification is remembered (a wrong secret costs Argon2 work once).
+    pub negative_cache_ttl: Duration,
+    /// How often revocations made elsewhere (CLI, other replicas) are picked up.
+    pub revocation_poll: Duration,
+    /// How long a revoked key can be restored before it is purged.
+    pub revocation_retention: Duration,
+    pub argon2: crate::keys::HashParams,
+    /// Failed authentications allowed per source address: a steady rate and a burst.
+    pub failed_auth_per_second: u32,
+    pub failed_auth_burst: u32,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -553,11 +583,44 @@ impl Validator {
         }
         let cache_capacity =
             self.count("auth.cache_capacity", raw.cache_capacity, 100_000_000).unwrap_or(100_000);
+        let d = crate::keys::HashParams::default();
+        let mut param = |name: &str, v, default: u32, max: u64| {
+            self.count(&format!("auth.argon2.{name}"), v, max)
+                .map_or(default, |x| u32::try_from(x).unwrap_or(default))
+        };
+        let argon2 = crate::keys::HashParams {
+            memory_kib: param("memory_kib", raw.argon2.memory_kib, d.memory_kib, 256 * 1024),
+            iterations: param("iterations", raw.argon2.iterations, d.iterations, 16),
+            parallelism: param("parallelism", raw.argon2.parallelism, d.parallelism, 8),
+        };
+        if argon2.memory_kib < 8 * argon2.parallelism {
+            self.problem("auth.argon2.memory_kib", "must be at least 8 × parallelism");
+        }
+        let per_second = self.count("auth.failed_auth.per_second", raw.failed_auth.per_second, 1_000_000);
+        let burst = self.count("auth.failed_auth.burst", raw.failed_auth.burst, 1_000_000);
+        let cache_ttl = self.duration("auth.cache_ttl", raw.cache_ttl, Duration::from_secs(300));
+        let negative_cache_ttl =
+            self.duration("auth.negative_cache_ttl", raw.negative_cache_ttl, Duration::from_secs(10));
+        let revocation_poll =
+            self.duration("auth.revocation_poll", raw.revocation_poll, Duration::from_secs(1));
+        if revocation_poll.is_zero() {
+            self.problem("auth.revocation_poll", "must be more than 0");
+        }
         Auth {
             key_prefix,
             workspace: self.nonempty("auth.workspace", raw.workspace),
-            cache_ttl: self.duration("auth.cache_ttl", raw.cache_ttl, Duration::from_secs(300)),
+            cache_ttl,
             cache_capacity,
+            negative_cache_ttl,
+            revocation_poll: revocation_poll.max(Duration::from_millis(10)),
+            revocation_retention: self.duration(
+                "auth.revocation_retention",
+                raw.revocation_retention,
+                Duration::from_secs(90 * 86_400),
+            ),
+            argon2,
+            failed_auth_per_second: per_second.map_or(1, |x| u32::try_from(x).unwrap_or(1)),
+            failed_auth_burst: burst.map_or(20, |x| u32::try_from(x).unwrap_or(20)),
         }
     }
 

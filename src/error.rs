@@ -34,6 +34,9 @@ pub enum Error {
     #[error("No route matches {method} {path}.")]
     NotFound { method: String, path: String },
 
+    #[error("No API key with id `{0}`.")]
+    KeyNotFound(String),
+
     #[error("The request body exceeds the limit of {limit} bytes.")]
     PayloadTooLarge { limit: u64 },
 
@@ -66,7 +69,7 @@ impl Error {
             Error::KeyInUrl { .. } | Error::BadRequest(_) => StatusCode::BAD_REQUEST,
             Error::Unauthorized { .. } => StatusCode::UNAUTHORIZED,
             Error::Forbidden { .. } => StatusCode::FORBIDDEN,
-            Error::NotFound { .. } => StatusCode::NOT_FOUND,
+            Error::NotFound { .. } | Error::KeyNotFound(_) => StatusCode::NOT_FOUND,
             Error::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Error::HeadersTooLarge { .. } => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             Error::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
@@ -83,7 +86,7 @@ impl Error {
             Error::BadRequest(_) => "bad_request",
             Error::Unauthorized { .. } => "unauthorized",
             Error::Forbidden { .. } => "forbidden",
-            Error::NotFound { .. } => "not_found",
+            Error::NotFound { .. } | Error::KeyNotFound(_) => "not_found",
             Error::PayloadTooLarge { .. } => "payload_too_large",
             Error::HeadersTooLarge { .. } => "headers_too_large",
             Error::RateLimited { .. } => "rate_limited",
@@ -99,6 +102,7 @@ impl Error {
             Error::KeyInUrl { .. }
             | Error::BadRequest(_)
             | Error::NotFound { .. }
+            | Error::KeyNotFound(_)
             | Error::PayloadTooLarge { .. }
             | Error::HeadersTooLarge { .. } => "invalid_request_error",
             Error::Unauthorized { .. } => "authentication_error",

@@ -7,7 +7,8 @@
 //!        ─► HTTP/1.1 + HTTP/2 server (hyper)       server.rs
 //!        ─► THE PIPELINE                           proxy.rs   ← read this first
 //!             reject keys in the URL, bad targets  target.rs
-//!             authenticate                         (auth.rs, keys.rs — next)
+//!             authenticate                         auth.rs, keys.rs, store/
+//!             (key-management API, served here)    keys_api.rs, manage.rs
 //!             route table ─► scope check           scope.rs
 //!             rate limit                           (ratelimit.rs — next)
 //!             forward, streaming both ways         forward.rs, body.rs
@@ -18,17 +19,23 @@
 //! Around it: `config` (YAML → validated `Config`), `state` (`State` and the swappable
 //! `Snapshot`), `reload` (SIGHUP / file changes).
 
+pub mod auth;
 pub mod body;
+pub mod clock;
 pub mod config;
 pub mod error;
 pub mod forward;
+pub mod keys;
+pub mod keys_api;
 pub mod listener;
+pub mod manage;
 pub mod metrics;
 pub mod proxy;
 pub mod reload;
 pub mod scope;
 pub mod server;
 pub mod state;
+pub mod store;
 pub mod target;
 pub mod tls;
 
@@ -57,10 +64,12 @@ pub async fn serve(
         Some(c) => Some(tokio_rustls::TlsAcceptor::from(tls::server_config(c.clone())?)),
         None => None,
     };
+    let store = store::open(&snapshot.config.store).await.map_err(|e| format!("store.sqlite: {e}"))?;
+    let auth = Arc::new(auth::Authenticator::new(store, &snapshot.config.auth)?);
     let listeners = listener::Listeners::bind(snapshot.config.listen, snapshot.config.admin_listen).await?;
     let public = listeners.public.local_addr().map_err(|e| e.to_string())?;
     let admin = listeners.admin.local_addr().map_err(|e| e.to_string())?;
-    let state = Arc::new(state::State::new(snapshot, metrics, config_path));
+    let state = Arc::new(state::State::new(snapshot, metrics, auth.clone(), config_path));
     tracing::info!(
         public = %public,
         admin = %admin,
@@ -72,7 +81,11 @@ pub async fn serve(
     );
     let reloader = reload::Reloader::new(state.clone(), certs, log_level);
     let reload_task = tokio::spawn(reloader.run());
+    let auth_task = tokio::spawn(auth::maintain(auth.clone(), state.clone()));
     listener::serve(state, listeners, acceptor, shutdown).await;
     reload_task.abort();
+    auth_task.abort();
+    // Last-used timestamps still in memory are written before exit.
+    auth::flush_usage(&auth).await;
     Ok(())
 }

@@ -1,8 +1,8 @@
 //! THE PIPELINE — read this file first. One request's life, in the order of SPEC §1:
 //!
 //! 1. `reject_key_in_url`, `check_target`, header size — refuse what must never go further;
-//! 2. authenticate — `Authorization: Bearer` → principal (issue: authentication);
-//! 3. route table → scope check;
+//! 2. authenticate — `Authorization: Bearer` → principal (cache → store → Argon2id);
+//! 3. route table → scope check (`/v1/keys…` is then served by tollgate itself);
 //! 4. rate limit (issue: rate limiting);
 //! 5. forward — pooled upstream, streaming both ways;
 //! 6. response: `x-request-id`, then metrics and one access-log line when the body ends.
@@ -17,7 +17,8 @@ use hyper::body::Incoming;
 
 use crate::body::{Body, End, Finish, Stop};
 use crate::error::Error;
-use crate::forward::{self, Identity, Peer};
+use crate::forward::{self, Peer};
+use crate::keys_api;
 use crate::metrics::method_label;
 use crate::scope::{Handler, Route, UNMATCHED};
 use crate::state::{Snapshot, State};
@@ -39,7 +40,7 @@ impl Proxy {
         let snap = self.state.snapshot();
         let request_id = forward::request_id(req.headers());
         let method = method_label(req.method());
-        let path = req.uri().path().to_string();
+        let path = redact_keys(req.uri().path(), &snap.config.auth.key_prefix);
         let route = snap.routes.find(req.method(), &path).cloned();
         self.state.metrics.inflight.inc();
 
@@ -74,24 +75,24 @@ impl Proxy {
         request_id: &HeaderValue,
         route: Option<&Route>,
     ) -> Result<Response<Body>, Error> {
-        reject_key_in_url(req.uri())?;
+        reject_key_in_url(req.uri(), &snap.config.auth.key_prefix)?;
         check_target(req.uri(), req.version(), req.headers())?;
         check_header_size(req.headers(), snap.config.limits.max_header_bytes)?;
 
+        let auth = &snap.config.auth;
+        let principal =
+            self.state.auth.authenticate(auth, req.headers(), peer.addr.ip(), &self.state.metrics).await?;
         let route = route.ok_or_else(|| Error::NotFound {
             method: req.method().to_string(),
             path: req.uri().path().to_string(),
         })?;
+        route.check(principal.scopes())?;
         if route.handler == Handler::Keys {
-            // The key-management API arrives with authentication; until then it does not exist.
-            return Err(Error::NotFound {
-                method: req.method().to_string(),
-                path: req.uri().path().to_string(),
-            });
+            return keys_api::handle(&self.state, snap, &principal, req).await;
         }
 
         let (upstream_req, flag) =
-            forward::prepare(&snap.upstream, req, peer, request_id, &Identity::default())?;
+            forward::prepare(&snap.upstream, req, peer, request_id, &principal.identity)?;
         let sent = forward::send(&snap.client, &snap.upstream, upstream_req, flag).await.map_err(
             |(e, failure)| {
                 if let Some(f) = failure {
@@ -107,6 +108,18 @@ impl Proxy {
             .observe(sent.upstream_time.as_secs_f64());
         Ok(sent.response)
     }
+}
+
+/// The path for the access log, with any key-looking segment replaced: a key pasted into a URL
+/// must not reach the logs.
+fn redact_keys(path: &str, prefix: &str) -> String {
+    let looks_like_key = |seg: &str| {
+        seg.len() > prefix.len() && seg.starts_with(prefix) && seg.as_bytes()[prefix.len()] == b'_'
+    };
+    if !path.split('/').any(looks_like_key) {
+        return path.to_string();
+    }
+    path.split('/').map(|s| if looks_like_key(s) { "<redacted>" } else { s }).collect::<Vec<_>>().join("/")
 }
 
 /// 431 before anything else reads the headers. Counted as they travel on an HTTP/1.1 wire

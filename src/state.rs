@@ -10,6 +10,7 @@ use std::sync::Arc;
 use arc_swap::ArcSwap;
 use http::HeaderValue;
 
+use crate::auth::Authenticator;
 use crate::config::{Config, ConfigError, Problem};
 use crate::forward;
 use crate::metrics::Metrics;
@@ -60,6 +61,7 @@ impl Snapshot {
 
 pub struct State {
     pub metrics: Metrics,
+    pub auth: Arc<Authenticator>,
     snapshot: ArcSwap<Snapshot>,
     draining: AtomicBool,
     /// The file `serve` was started with; `None` on the embedded defaults.
@@ -67,9 +69,15 @@ pub struct State {
 }
 
 impl State {
-    pub fn new(snapshot: Snapshot, metrics: Metrics, config_path: Option<PathBuf>) -> State {
+    pub fn new(
+        snapshot: Snapshot,
+        metrics: Metrics,
+        auth: Arc<Authenticator>,
+        config_path: Option<PathBuf>,
+    ) -> State {
         State {
             metrics,
+            auth,
             snapshot: ArcSwap::from_pointee(snapshot),
             draining: AtomicBool::new(false),
             config_path,

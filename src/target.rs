@@ -11,15 +11,19 @@ use crate::error::Error;
 /// Query parameter names that carry keys in the wild (compared case-insensitively, decoded).
 const KEY_PARAMS: &[&str] = &["api_key", "apikey", "api-key", "key", "access_token", "token"];
 
-/// Refuses a key-like query parameter (400 `key_in_url`).
-pub fn reject_key_in_url(uri: &Uri) -> Result<(), Error> {
+/// Refuses a key-like query parameter (400 `key_in_url`): a parameter with a key-carrying name,
+/// or any parameter whose value starts like one of our keys (`{prefix}_`).
+pub fn reject_key_in_url(uri: &Uri, prefix: &str) -> Result<(), Error> {
     let Some(query) = uri.query() else {
         return Ok(());
     };
     for pair in query.split('&') {
-        let name = pair.split('=').next().unwrap_or_default();
+        let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
         let name = decode_component(name);
-        if KEY_PARAMS.iter().any(|k| k.eq_ignore_ascii_case(&name)) {
+        let value = decode_component(value);
+        let ours =
+            value.len() > prefix.len() && value.starts_with(prefix) && value.as_bytes()[prefix.len()] == b'_';
+        if ours || KEY_PARAMS.iter().any(|k| k.eq_ignore_ascii_case(&name)) {
             return Err(Error::KeyInUrl { param: name });
         }
     }
@@ -133,12 +137,13 @@ mod tests {
             "/v1/models?access_token",
             "/v1/models?api%5Fkey=x",
             "/v1/models?Token=",
+            "/v1/models?q=tg_abc",
         ] {
-            let e = reject_key_in_url(&q.parse().unwrap()).unwrap_err();
+            let e = reject_key_in_url(&q.parse().unwrap(), "tg").unwrap_err();
             assert_eq!(e.code(), "key_in_url", "{q}");
         }
-        for q in ["/v1/models", "/v1/models?monkey=1", "/v1/models?keys=1&tokens=2"] {
-            assert!(reject_key_in_url(&q.parse().unwrap()).is_ok(), "{q}");
+        for q in ["/v1/models", "/v1/models?monkey=1", "/v1/models?keys=1&tokens=2&q=tgx"] {
+            assert!(reject_key_in_url(&q.parse().unwrap(), "tg").is_ok(), "{q}");
         }
     }
 

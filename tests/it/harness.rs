@@ -39,16 +39,39 @@ impl Builder {
         self.sections.iter().map(|(k, v)| format!("{k}: {v}\n")).collect()
     }
 
-    pub fn start(self) -> Tollgate {
+    pub fn start(mut self) -> Tollgate {
         let dir = tempfile::tempdir().expect("tempdir");
         let config = dir.path().join("tollgate.yaml");
+        if !self.sections.contains_key("store") {
+            let db = dir.path().join("tollgate.db");
+            self.sections.insert("store".into(), format!("{{ sqlite: \"{}\" }}", db.display()));
+        }
         std::fs::write(&config, self.yaml()).expect("write config");
-        Tollgate::spawn(dir, config, &self.env)
+        // Every instance starts with one ordinary inference key (created before the server, as an
+        // operator would).
+        let key = create_key(
+            &config,
+            &[
+                "--org",
+                "acme",
+                "--tier",
+                "enterprise",
+                "--scope",
+                "inference:read",
+                "--scope",
+                "inference:write",
+            ],
+        );
+        let mut tg = Tollgate::spawn(dir, config, &self.env);
+        tg.key = key;
+        tg
     }
 }
 
 pub struct Tollgate {
     child: Child,
+    /// A valid key of org `acme`, tier `enterprise`, scopes `inference:read` + `inference:write`.
+    pub key: String,
     pub addr: SocketAddr,
     pub admin: SocketAddr,
     pub config: PathBuf,
@@ -102,7 +125,27 @@ impl Tollgate {
         let v: serde_json::Value = serde_json::from_str(&line).expect("json log line");
         let addr = v["public"].as_str().expect("public").parse().expect("addr");
         let admin = v["admin"].as_str().expect("admin").parse().expect("addr");
-        Tollgate { child, addr, admin, config, logs, _dir: dir }
+        Tollgate { child, key: String::new(), addr, admin, config, logs, _dir: dir }
+    }
+
+    /// `tollgate keys …` against this instance's config.
+    pub fn keys(&self, args: &[&str]) -> std::process::Output {
+        keys_cli(&self.config, args)
+    }
+
+    /// Creates a key with the CLI and returns its plaintext.
+    pub fn create_key(&self, args: &[&str]) -> String {
+        create_key(&self.config, args)
+    }
+
+    /// GET with this instance's default key.
+    pub fn get(&self, path: &str) -> http::request::Builder {
+        get(&self.url(path)).header("authorization", format!("Bearer {}", self.key))
+    }
+
+    /// POST of JSON with this instance's default key.
+    pub fn post(&self, path: &str) -> http::request::Builder {
+        post_json(&self.url(path)).header("authorization", format!("Bearer {}", self.key))
     }
 
     pub fn url(&self, path: &str) -> String {
@@ -165,6 +208,18 @@ impl Drop for Tollgate {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+pub fn keys_cli(config: &std::path::Path, args: &[&str]) -> std::process::Output {
+    Command::new(BIN).arg("keys").arg("--config").arg(config).args(args).output().expect("run tollgate keys")
+}
+
+pub fn create_key(config: &std::path::Path, args: &[&str]) -> String {
+    let mut full = vec!["create"];
+    full.extend_from_slice(args);
+    let out = keys_cli(config, &full);
+    assert!(out.status.success(), "keys create failed: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).lines().next().expect("key line").to_string()
 }
 
 pub type TestClient = Client<HttpConnector, Full<Bytes>>;

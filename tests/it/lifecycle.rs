@@ -14,7 +14,7 @@ async fn a_broken_reload_keeps_the_old_config_and_a_good_one_applies() {
     let original = builder.yaml();
     let tg = builder.start();
     let client = h1();
-    let models = || get(&tg.url("/v1/models")).body(Full::default()).unwrap();
+    let models = || tg.get("/v1/models").body(Full::default()).unwrap();
     assert_eq!(send(&client, models()).await.status(), 200);
 
     // Broken file: rejected, counted, logged with the field; the old config keeps serving.
@@ -48,7 +48,8 @@ async fn sigterm_mid_stream_lets_the_stream_finish_then_exits_zero() {
     let mut tg =
         Tollgate::builder(&up.url()).section("shutdown", "{ drain_delay: 1s, timeout: 20s }").start();
     let client = h1();
-    let req = post_json(&tg.url("/v1/chat/completions"))
+    let req = tg
+        .post("/v1/chat/completions")
         .header("x-mock", "sse")
         .header("x-mock-events", "8")
         .header("x-mock-interval-ms", "400")
@@ -66,7 +67,7 @@ async fn sigterm_mid_stream_lets_the_stream_finish_then_exits_zero() {
         assert!(Instant::now() < deadline, "readyz did not turn 503");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    assert_eq!(send(&h1(), get(&tg.url("/v1/models")).body(Full::default()).unwrap()).await.status(), 200);
+    assert_eq!(send(&h1(), tg.get("/v1/models").body(Full::default()).unwrap()).await.status(), 200);
 
     let body = reader.await.unwrap().expect("the stream finished cleanly");
     let text = String::from_utf8_lossy(&body);
@@ -83,7 +84,7 @@ async fn sigterm_mid_stream_lets_the_stream_finish_then_exits_zero() {
 async fn sigterm_waits_no_longer_than_shutdown_timeout() {
     let up = Upstream::start().await;
     let mut tg = Tollgate::builder(&up.url()).section("shutdown", "{ drain_delay: 0s, timeout: 1s }").start();
-    let req = post_json(&tg.url("/v1/chat/completions")).header("x-mock", "hang").body(Full::from("{}"));
+    let req = tg.post("/v1/chat/completions").header("x-mock", "hang").body(Full::from("{}"));
     let client = h1();
     let pending = tokio::spawn(async move { client.request(req.unwrap()).await });
     assert!(up.wait_for("hang_started", Duration::from_secs(5)).await);

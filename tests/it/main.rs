@@ -4,7 +4,9 @@
 mod harness;
 mod upstream;
 
+mod auth;
 mod cli;
+mod keys;
 mod lifecycle;
 mod proxy;
 mod streaming;

@@ -14,9 +14,7 @@ async fn json_status_and_body_pass_through() {
     let up = Upstream::start().await;
     let tg = Tollgate::builder(&up.url()).start();
     let client = h1();
-    let req = post_json(&tg.url("/v1/chat/completions"))
-        .body(Full::from(r#"{"model":"m","messages":[]}"#))
-        .unwrap();
+    let req = tg.post("/v1/chat/completions").body(Full::from(r#"{"model":"m","messages":[]}"#)).unwrap();
     let (rsp, body) = send_json(&client, req).await;
     assert_eq!(rsp.status(), 200);
     assert_eq!(body["method"], "POST");
@@ -25,7 +23,7 @@ async fn json_status_and_body_pass_through() {
     assert!(rsp.headers().get("x-tollgate-error").is_none());
 
     // The upstream's own errors pass through untouched (no x-tollgate-error).
-    let req = get(&tg.url("/v1/models")).header("x-mock", "status").header("x-mock-status", "503");
+    let req = tg.get("/v1/models").header("x-mock", "status").header("x-mock-status", "503");
     let (rsp, body) = send_json(&client, req.body(Full::default()).unwrap()).await;
     assert_eq!(rsp.status(), 503);
     assert_eq!(body["error"]["message"], "upstream says no");
@@ -36,13 +34,13 @@ async fn json_status_and_body_pass_through() {
 async fn headers_are_cleaned_and_forwarding_headers_set() {
     let up = Upstream::start().await;
     let tg = Tollgate::builder(&up.url()).start();
-    let req = get(&tg.url("/v1/models"))
+    let req = tg
+        .get("/v1/models")
         .header("connection", "keep-alive, x-drop-me, x-tollgate-org")
         .header("x-drop-me", "1")
         .header("keep-alive", "timeout=5")
         .header("proxy-authorization", "Basic Zm9vOmJhcg==")
         .header("te", "trailers")
-        .header("authorization", "Bearer tg_client_secret_value")
         .header("x-tollgate-org", "forged-org")
         .header("x-tollgate-key-id", "forged-id")
         .header("x-forwarded-for", "203.0.113.9")
@@ -58,18 +56,15 @@ async fn headers_are_cleaned_and_forwarding_headers_set() {
     let seen = up.requests().pop().expect("upstream saw the request");
     assert_eq!((seen.method.as_str(), seen.path.as_str()), ("GET", "/v1/models"));
     let h = &seen.headers;
-    for gone in [
-        "x-drop-me",
-        "keep-alive",
-        "proxy-authorization",
-        "te",
-        "authorization",
-        "x-tollgate-org",
-        "x-tollgate-key-id",
-    ] {
+    for gone in ["x-drop-me", "keep-alive", "proxy-authorization", "te", "authorization"] {
         assert!(h.get(gone).is_none(), "{gone} reached the upstream: {h:?}");
     }
     assert_eq!(h["x-kept"], "yes");
+    // Identity headers are tollgate's, overwriting the forged ones.
+    assert_eq!(h["x-tollgate-org"], "acme");
+    assert_eq!(h["x-tollgate-tier"], "enterprise");
+    assert_eq!(h["x-tollgate-scopes"], "inference:read inference:write");
+    assert_eq!(h["x-tollgate-key-id"], tg.key.split('_').nth(1).unwrap());
     assert_eq!(h["x-forwarded-for"], "203.0.113.9, 127.0.0.1");
     assert_eq!(h["x-forwarded-proto"], "http", "overwritten with what the client really used");
     assert_eq!(h["x-request-id"], "req-abc-123");
@@ -81,7 +76,7 @@ async fn headers_are_cleaned_and_forwarding_headers_set() {
 async fn request_ids_are_generated_and_match_upstream() {
     let up = Upstream::start().await;
     let tg = Tollgate::builder(&up.url()).start();
-    let (rsp, _) = send_json(&h2c(), get(&tg.url("/v1/models")).body(Full::default()).unwrap()).await;
+    let (rsp, _) = send_json(&h2c(), tg.get("/v1/models").body(Full::default()).unwrap()).await;
     let id = rsp.headers()["x-request-id"].to_str().unwrap().to_string();
     assert_eq!(id.len(), 32);
     assert_eq!(up.requests()[0].headers["x-request-id"], id.as_str());
@@ -94,8 +89,7 @@ async fn upstream_api_key_replaces_the_client_authorization() {
         .section("upstream", &format!("{{ url: \"{}\", api_key_env: TEST_UPSTREAM_KEY }}", up.url()))
         .env("TEST_UPSTREAM_KEY", "upstream-secret")
         .start();
-    let req = get(&tg.url("/v1/models")).header("authorization", "Bearer client-key").body(Full::default());
-    let (rsp, _) = send_json(&h1(), req.unwrap()).await;
+    let (rsp, _) = send_json(&h1(), tg.get("/v1/models").body(Full::default()).unwrap()).await;
     assert_eq!(rsp.status(), 200);
     assert_eq!(up.requests()[0].headers["authorization"], "Bearer upstream-secret");
     assert!(!tg.logs().contains("upstream-secret"));
@@ -106,7 +100,7 @@ async fn refused_upstream_is_502_and_silent_upstream_is_504() {
     // A port that was just closed refuses connections.
     let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
     let tg = Tollgate::builder(&format!("http://{closed}")).start();
-    let (rsp, body) = send_json(&h1(), get(&tg.url("/v1/models")).body(Full::default()).unwrap()).await;
+    let (rsp, body) = send_json(&h1(), tg.get("/v1/models").body(Full::default()).unwrap()).await;
     assert_error(&rsp, &body, 502, "upstream_unavailable");
     assert_eq!(body["error"]["type"], "server_error");
     assert_eq!(tg.metric("tollgate_upstream_errors_total{kind=\"connect\"}").await, Some(1.0));
@@ -116,7 +110,7 @@ async fn refused_upstream_is_502_and_silent_upstream_is_504() {
         .section("upstream", &format!("{{ url: \"{}\", timeout: 500ms }}", up.url()))
         .start();
     let started = std::time::Instant::now();
-    let req = get(&tg.url("/v1/models")).header("x-mock", "hang").body(Full::default()).unwrap();
+    let req = tg.get("/v1/models").header("x-mock", "hang").body(Full::default()).unwrap();
     let (rsp, body) = send_json(&h1(), req).await;
     assert_error(&rsp, &body, 504, "upstream_timeout");
     assert_eq!(body["error"]["details"]["timeout_seconds"], 0.5);
@@ -129,15 +123,14 @@ async fn unmatched_routes_and_keys_in_urls_are_refused_before_the_upstream() {
     let up = Upstream::start().await;
     let tg = Tollgate::builder(&up.url()).start();
     let client = h1();
-    let (rsp, body) = send_json(&client, get(&tg.url("/v2/other")).body(Full::default()).unwrap()).await;
+    let (rsp, body) = send_json(&client, tg.get("/v2/other").body(Full::default()).unwrap()).await;
     assert_error(&rsp, &body, 404, "not_found");
     assert_eq!(body["error"]["message"], "No route matches GET /v2/other.");
-    let (rsp, body) =
-        send_json(&client, get(&tg.url("/v1/chat/completions")).body(Full::default()).unwrap()).await;
+    let (rsp, body) = send_json(&client, tg.get("/v1/chat/completions").body(Full::default()).unwrap()).await;
     assert_error(&rsp, &body, 404, "not_found");
 
     let (rsp, body) =
-        send_json(&client, get(&tg.url("/v1/models?api_key=tg_abc")).body(Full::default()).unwrap()).await;
+        send_json(&client, tg.get("/v1/models?api_key=tg_abc").body(Full::default()).unwrap()).await;
     assert_error(&rsp, &body, 400, "key_in_url");
     assert_eq!(body["error"]["details"]["parameter"], "api_key");
     assert!(!tg.logs().contains("tg_abc"), "the query string must not be logged");
@@ -190,7 +183,7 @@ async fn oversized_headers_and_bodies_get_431_and_413() {
         .start();
     let client = h1();
     let big = "a".repeat(5 * 1024);
-    let req = get(&tg.url("/v1/models")).header("x-big", big.as_str()).body(Full::default()).unwrap();
+    let req = tg.get("/v1/models").header("x-big", big.as_str()).body(Full::default()).unwrap();
     let (rsp, body) = send_json(&client, req).await;
     assert_error(&rsp, &body, 431, "headers_too_large");
     assert_eq!(body["error"]["details"]["max_header_bytes"], 4096);
@@ -203,14 +196,17 @@ async fn oversized_headers_and_bodies_get_431_and_413() {
     assert_error(&rsp, &body, 431, "headers_too_large");
 
     // Declared length over the limit: refused up front.
-    let req = post_json(&tg.url("/v1/embeddings")).body(Full::from(vec![b'x'; 2048])).unwrap();
+    let req = tg.post("/v1/embeddings").body(Full::from(vec![b'x'; 2048])).unwrap();
     let (rsp, body) = send_json(&client, req).await;
     assert_error(&rsp, &body, 413, "payload_too_large");
 
     // Streamed (chunked, no length) over the limit: stopped while streaming.
     let chunks = futures_iter(vec![Bytes::from(vec![b'x'; 800]), Bytes::from(vec![b'y'; 800])]);
     let body = http_body_util::StreamBody::new(chunks);
-    let req = Request::post(tg.url("/v1/embeddings")).body(body).unwrap();
+    let req = Request::post(tg.url("/v1/embeddings"))
+        .header("authorization", format!("Bearer {}", tg.key))
+        .body(body)
+        .unwrap();
     let streaming_client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
         .build_http::<http_body_util::StreamBody<Iter>>();
     let rsp = streaming_client.request(req).await.unwrap();
@@ -219,7 +215,7 @@ async fn oversized_headers_and_bodies_get_431_and_413() {
     let _ = rsp.into_body().collect().await;
 
     // Within the limits everything passes.
-    let req = post_json(&tg.url("/v1/embeddings")).body(Full::from(vec![b'x'; 1000])).unwrap();
+    let req = tg.post("/v1/embeddings").body(Full::from(vec![b'x'; 1000])).unwrap();
     let (rsp, _) = send_json(&client, req).await;
     assert_eq!(rsp.status(), 200);
 }
@@ -245,9 +241,9 @@ async fn admin_endpoints_and_metrics() {
     assert_eq!(status_of(&tg.admin_url("/healthz")).await, 200);
     assert_eq!(status_of(&tg.admin_url("/readyz")).await, 200);
     assert_eq!(status_of(&tg.admin_url("/nope")).await, 404);
-    let (rsp, _) = send_json(&h1(), get(&tg.url("/v1/models")).body(Full::default()).unwrap()).await;
+    let (rsp, _) = send_json(&h1(), tg.get("/v1/models").body(Full::default()).unwrap()).await;
     assert_eq!(rsp.status(), 200);
-    let (rsp, _) = send_json(&h1(), get(&tg.url("/nope")).body(Full::default()).unwrap()).await;
+    let (rsp, _) = send_json(&h1(), tg.get("/nope").body(Full::default()).unwrap()).await;
     assert_eq!(rsp.status(), 404);
     // Metrics are recorded when the body ends, just after the client got it.
     tokio::time::sleep(Duration::from_millis(100)).await;
@@ -289,11 +285,7 @@ pub fn which(bin: &str) -> Option<std::path::PathBuf> {
 async fn access_log_has_one_json_line_per_request_without_secrets() {
     let up = Upstream::start().await;
     let tg = Tollgate::builder(&up.url()).section("log", "{ format: json, level: trace }").start();
-    let req = get(&tg.url("/v1/models"))
-        .header("authorization", "Bearer tg_supersecretvalue123")
-        .header("x-request-id", "log-test-1")
-        .body(Full::default())
-        .unwrap();
+    let req = tg.get("/v1/models").header("x-request-id", "log-test-1").body(Full::default()).unwrap();
     let (rsp, _) = send_json(&h1(), req).await;
     assert_eq!(rsp.status(), 200);
     assert!(tg.wait_log("log-test-1", Duration::from_secs(5)).await);
@@ -307,5 +299,6 @@ async fn access_log_has_one_json_line_per_request_without_secrets() {
     assert_eq!(v["code"], "ok");
     assert!(v["duration_ms"].as_f64().is_some());
     assert!(v["bytes"].as_u64().unwrap() > 0);
-    assert!(!logs.contains("supersecretvalue"), "a key reached the logs");
+    assert!(!logs.contains(&tg.key), "a key reached the logs");
+    assert!(!logs.contains(tg.key.rsplit('_').next().unwrap()), "a secret reached the logs");
 }

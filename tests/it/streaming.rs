@@ -30,7 +30,8 @@ async fn event_times(rsp: hyper::Response<hyper::body::Incoming>, start: Instant
 async fn sse_arrives_event_by_event(client: TestClient) {
     let up = Upstream::start().await;
     let tg = Tollgate::builder(&up.url()).start();
-    let req = post_json(&tg.url("/v1/chat/completions"))
+    let req = tg
+        .post("/v1/chat/completions")
         .header("x-mock", "sse")
         .header("x-mock-events", "5")
         .header("x-mock-interval-ms", "300")
@@ -75,7 +76,10 @@ async fn sse_events_arrive_one_by_one_over_h2c() {
 async fn a_client_that_leaves_before_headers_cancels_the_upstream_request() {
     let up = Upstream::start().await;
     let tg = Tollgate::builder(&up.url()).start();
-    let req = "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nx-mock: hang\r\ncontent-length: 2\r\n\r\n{}";
+    let req = format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {}\r\nx-mock: hang\r\ncontent-length: 2\r\n\r\n{{}}",
+        tg.key
+    );
     let mut s = tokio::net::TcpStream::connect(tg.addr).await.unwrap();
     tokio::io::AsyncWriteExt::write_all(&mut s, req.as_bytes()).await.unwrap();
     assert!(up.wait_for("hang_started", Duration::from_secs(5)).await);
@@ -90,7 +94,8 @@ async fn a_client_that_leaves_before_headers_cancels_the_upstream_request() {
 async fn leaving_mid_stream_cancels(client: TestClient) {
     let up = Upstream::start().await;
     let tg = Tollgate::builder(&up.url()).start();
-    let req = post_json(&tg.url("/v1/chat/completions"))
+    let req = tg
+        .post("/v1/chat/completions")
         .header("x-mock", "sse")
         .header("x-mock-events", "1000")
         .header("x-mock-interval-ms", "50")
@@ -124,7 +129,7 @@ async fn a_client_that_leaves_mid_stream_cancels_the_upstream_over_h2c() {
 async fn a_stalled_stream_is_ended_after_stream_idle_timeout() {
     let up = Upstream::start().await;
     let tg = Tollgate::builder(&up.url()).section("limits", "{ stream_idle_timeout: 500ms }").start();
-    let req = post_json(&tg.url("/v1/chat/completions")).header("x-mock", "stall").body(Full::from("{}"));
+    let req = tg.post("/v1/chat/completions").header("x-mock", "stall").body(Full::from("{}"));
     let start = Instant::now();
     let rsp = send(&h1(), req.unwrap()).await;
     assert_eq!(rsp.status(), 200);
@@ -145,7 +150,7 @@ async fn a_stalled_stream_is_ended_after_stream_idle_timeout() {
 async fn a_stream_broken_by_the_upstream_is_broken_for_the_client() {
     let up = Upstream::start().await;
     let tg = Tollgate::builder(&up.url()).start();
-    let req = post_json(&tg.url("/v1/chat/completions")).header("x-mock", "close").body(Full::from("{}"));
+    let req = tg.post("/v1/chat/completions").header("x-mock", "close").body(Full::from("{}"));
     let rsp = send(&h1(), req.unwrap()).await;
     // Headers were already sent: the client sees a 200 whose body ends in an error, never a
     // complete-looking truncated body, and never a 502 after the fact.

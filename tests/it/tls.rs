@@ -21,7 +21,11 @@ fn certificate(dir: &std::path::Path) -> CertificateDer<'static> {
 
 /// Connects with TLS trusting only `root`, offering h2 and http/1.1; returns the ALPN result and
 /// the answer to GET /v1/models over whichever protocol was negotiated.
-async fn fetch(addr: std::net::SocketAddr, root: CertificateDer<'static>) -> Result<(Vec<u8>, u16), String> {
+async fn fetch(
+    addr: std::net::SocketAddr,
+    root: CertificateDer<'static>,
+    key: &str,
+) -> Result<(Vec<u8>, u16), String> {
     let mut roots = rustls::RootCertStore::empty();
     roots.add(root).map_err(|e| e.to_string())?;
     let mut cfg =
@@ -43,8 +47,10 @@ async fn fetch(addr: std::net::SocketAddr, root: CertificateDer<'static>) -> Res
             .await
             .map_err(|e| e.to_string())?;
     tokio::spawn(conn);
-    let req =
-        Request::get(format!("https://localhost:{}/v1/models", addr.port())).body(Full::default()).unwrap();
+    let req = Request::get(format!("https://localhost:{}/v1/models", addr.port()))
+        .header("authorization", format!("Bearer {key}"))
+        .body(Full::default())
+        .unwrap();
     let rsp = sender.send_request(req).await.map_err(|e| e.to_string())?;
     let status = rsp.status().as_u16();
     let _ = rsp.into_body().collect().await;
@@ -63,7 +69,7 @@ async fn tls_serves_h2_via_alpn_and_reloads_its_certificate() {
     );
     let tg = Tollgate::builder(&up.url()).section("tls", &tls).start();
 
-    let (alpn, status) = fetch(tg.addr, first.clone()).await.unwrap();
+    let (alpn, status) = fetch(tg.addr, first.clone(), &tg.key).await.unwrap();
     assert_eq!(alpn, b"h2");
     assert_eq!(status, 200);
     assert_eq!(up.requests()[0].headers["x-forwarded-proto"], "https");
@@ -71,7 +77,7 @@ async fn tls_serves_h2_via_alpn_and_reloads_its_certificate() {
     // Replace the certificate files: new handshakes use the new certificate.
     let second = certificate(certs.path());
     assert!(tg.wait_log("TLS certificate reloaded", Duration::from_secs(10)).await);
-    let (_, status) = fetch(tg.addr, second).await.unwrap();
+    let (_, status) = fetch(tg.addr, second, &tg.key).await.unwrap();
     assert_eq!(status, 200);
-    assert!(fetch(tg.addr, first).await.is_err(), "the old certificate is still served");
+    assert!(fetch(tg.addr, first, &tg.key).await.is_err(), "the old certificate is still served");
 }

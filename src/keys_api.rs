@@ -1,0 +1,164 @@
+//! The key-management HTTP API (§6), served by tollgate itself on the public listener for keys
+//! with the `admin:keys` scope (checked by the route table before this runs). Every operation is
+//! confined to the caller's organisation; a key of another organisation is "not found".
+
+use bytes::Bytes;
+use http::{header, HeaderValue, Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Limited};
+use hyper::body::Incoming;
+use serde::Deserialize;
+use serde_json::json;
+
+use crate::auth::Principal;
+use crate::body::Body;
+use crate::config::parse_duration;
+use crate::error::Error;
+use crate::keys::KeyRecord;
+use crate::manage::{self, ManageError, NewKeySpec};
+use crate::state::{Snapshot, State};
+
+/// Management requests are small; anything bigger is a mistake or an attack.
+const MAX_BODY: usize = 64 * 1024;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CreateBody {
+    scopes: Vec<String>,
+    #[serde(default)]
+    tier: Option<String>,
+    #[serde(default)]
+    name: Option<String>,
+    #[serde(default)]
+    workspace: Option<String>,
+    #[serde(default)]
+    expires_in: Option<String>,
+}
+
+impl From<ManageError> for Error {
+    fn from(e: ManageError) -> Error {
+        match e {
+            ManageError::NotFound(id) => Error::KeyNotFound(id),
+            ManageError::Invalid(msg) => Error::BadRequest(msg),
+            ManageError::Store(e) => {
+                tracing::error!(error = %e, "key store error in the key API");
+                Error::Unavailable("The key store is unreachable; try again shortly.")
+            }
+        }
+    }
+}
+
+fn json_response(status: StatusCode, v: serde_json::Value) -> Response<Body> {
+    let mut r = Response::new(Body::full(Bytes::from(v.to_string())));
+    *r.status_mut() = status;
+    r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    // Responses may carry a plaintext key: never cache them.
+    r.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    r
+}
+
+fn with_key(record: &KeyRecord, token: &crate::keys::Token) -> serde_json::Value {
+    let mut v = record.to_json();
+    v["key"] = json!(token.expose());
+    v
+}
+
+/// Serves one `/v1/keys…` request.
+pub async fn handle(
+    state: &State,
+    snap: &Snapshot,
+    caller: &Principal,
+    req: Request<Incoming>,
+) -> Result<Response<Body>, Error> {
+    let store = state.auth.store().as_ref();
+    let org = Some(caller.org.as_str());
+    let actor = caller.key_id.as_str();
+    let method = req.method().clone();
+    let path = req.uri().path().to_string();
+    let rest = path.strip_prefix("/v1/keys").unwrap_or_default();
+    let segments: Vec<&str> = rest.split('/').filter(|s| !s.is_empty()).collect();
+    let not_found = || Error::NotFound { method: method.to_string(), path: path.clone() };
+    match (&method, segments.as_slice()) {
+        (&Method::GET, []) => {
+            let keys = store.list(org).await.map_err(ManageError::from)?;
+            let data: Vec<_> = keys.iter().map(KeyRecord::to_json).collect();
+            Ok(json_response(StatusCode::OK, json!({ "object": "list", "data": data })))
+        }
+        (&Method::POST, []) => {
+            let body = read_json::<CreateBody>(req).await?;
+            let spec = create_spec(snap, caller, body)?;
+            let (record, token) = manage::create(store, &snap.config, spec, actor, None).await?;
+            Ok(json_response(StatusCode::CREATED, with_key(&record, &token)))
+        }
+        (&Method::GET, [id]) => {
+            let r = manage::fetch(store, id, org).await?;
+            Ok(json_response(StatusCode::OK, r.to_json()))
+        }
+        (&Method::GET, [id, "audit"]) => {
+            manage::fetch(store, id, org).await?;
+            let events = store.audit(id).await.map_err(ManageError::from)?;
+            let data: Vec<_> = events.iter().map(|e| e.to_json()).collect();
+            Ok(json_response(StatusCode::OK, json!({ "object": "list", "data": data })))
+        }
+        (&Method::POST, [id, "revoke"]) => {
+            let r = manage::revoke(store, id, actor, org).await?;
+            // Immediate on this instance (§2): the next request with this key is refused.
+            state.auth.invalidate(id);
+            Ok(json_response(StatusCode::OK, r.to_json()))
+        }
+        (&Method::POST, [id, "restore"]) => {
+            let r = manage::restore(store, &snap.config, id, actor, org).await?;
+            state.auth.invalidate(id);
+            Ok(json_response(StatusCode::OK, r.to_json()))
+        }
+        (&Method::POST, [id, "rotate"]) => {
+            let (record, token) = manage::rotate(store, &snap.config, id, actor, org).await?;
+            Ok(json_response(StatusCode::CREATED, with_key(&record, &token)))
+        }
+        _ => Err(not_found()),
+    }
+}
+
+/// A key may only issue keys for its own organisation and tier, with scopes it holds itself:
+/// the API must not be a way to escalate privileges.
+fn create_spec(snap: &Snapshot, caller: &Principal, body: CreateBody) -> Result<NewKeySpec, Error> {
+    let scopes =
+        crate::keys::normalize_scopes(body.scopes.iter().map(String::as_str)).map_err(Error::BadRequest)?;
+    if let Some(missing) = scopes.iter().find(|s| !caller.scopes.contains(s)) {
+        return Err(Error::Forbidden { required: missing.clone(), current: caller.scopes.clone() });
+    }
+    if let Some(tier) = &body.tier {
+        if *tier != caller.tier {
+            return Err(Error::BadRequest(format!(
+                "Keys created through the API inherit the caller's tier `{}`; `{tier}` can only be set with the CLI.",
+                caller.tier
+            )));
+        }
+    }
+    let expires_in = match &body.expires_in {
+        None => None,
+        Some(s) => Some(parse_duration(s).map_err(|e| Error::BadRequest(format!("expires_in: {e}")))?),
+    };
+    let workspace = body.workspace.or_else(|| Some(caller.workspace.clone()));
+    if snap.config.auth.workspace.is_some() && workspace != snap.config.auth.workspace {
+        return Err(Error::BadRequest(
+            "workspace: this deployment only accepts keys of its own workspace".into(),
+        ));
+    }
+    Ok(NewKeySpec {
+        org: caller.org.clone(),
+        tier: caller.tier.clone(),
+        scopes,
+        name: body.name,
+        workspace,
+        expires_in,
+    })
+}
+
+async fn read_json<T: serde::de::DeserializeOwned>(req: Request<Incoming>) -> Result<T, Error> {
+    let bytes = Limited::new(req.into_body(), MAX_BODY)
+        .collect()
+        .await
+        .map_err(|_| Error::PayloadTooLarge { limit: MAX_BODY as u64 })?
+        .to_bytes();
+    serde_json::from_slice(&bytes).map_err(|e| Error::BadRequest(format!("Invalid JSON body: {e}")))
+}

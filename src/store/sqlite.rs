@@ -1,0 +1,375 @@
+//! The SQLite key store: one file, WAL mode so that the CLI can write while a server reads,
+//! schema migrations applied at open. The SQL is kept portable (no SQLite-only syntax in the
+//! queries) so that a PostgreSQL store can share it.
+
+use std::path::Path;
+use std::str::FromStr;
+use std::time::Duration;
+
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow, SqliteSynchronous,
+};
+use sqlx::Row;
+
+use crate::keys::{AuditEvent, KeyRecord, KeyStore, StoreError};
+
+/// Each entry moves the schema one version forward; applied in order, once, in a transaction.
+const MIGRATIONS: &[&str] = &["
+CREATE TABLE keys (
+    id            TEXT PRIMARY KEY,
+    name          TEXT NOT NULL,
+    org           TEXT NOT NULL,
+    workspace     TEXT NOT NULL,
+    tier          TEXT NOT NULL,
+    scopes        TEXT NOT NULL,
+    secret_hash   TEXT NOT NULL,
+    created_at    BIGINT NOT NULL,
+    expires_at    BIGINT,
+    last_used_at  BIGINT,
+    revoked_at    BIGINT,
+    revoked_by    TEXT,
+    rotated_from  TEXT,
+    updated_at    BIGINT NOT NULL
+);
+CREATE INDEX keys_org ON keys (org);
+CREATE INDEX keys_updated_at ON keys (updated_at);
+CREATE INDEX keys_revoked_at ON keys (revoked_at);
+CREATE TABLE audit (
+    seq     INTEGER PRIMARY KEY,
+    key_id  TEXT NOT NULL,
+    org     TEXT NOT NULL,
+    action  TEXT NOT NULL,
+    actor   TEXT NOT NULL,
+    at      BIGINT NOT NULL,
+    detail  TEXT
+);
+CREATE INDEX audit_key_id ON audit (key_id);
+"];
+
+pub struct SqliteStore {
+    pool: SqlitePool,
+}
+
+fn unavailable(e: sqlx::Error) -> StoreError {
+    StoreError::Unavailable(e.to_string())
+}
+
+impl SqliteStore {
+    pub async fn open(path: &Path) -> Result<SqliteStore, StoreError> {
+        let url = format!("sqlite://{}", path.display());
+        let opts = SqliteConnectOptions::from_str(&url)
+            .map_err(unavailable)?
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(SqliteSynchronous::Normal)
+            // The CLI and the server share the file: wait for a writer instead of failing.
+            .busy_timeout(Duration::from_secs(5));
+        let pool = SqlitePoolOptions::new()
+            .max_connections(4)
+            .connect_with(opts)
+            .await
+            .map_err(|e| StoreError::Unavailable(format!("cannot open {}: {e}", path.display())))?;
+        let store = SqliteStore { pool };
+        store.migrate().await?;
+        Ok(store)
+    }
+
+    async fn migrate(&self) -> Result<(), StoreError> {
+        let mut tx = self.pool.begin().await.map_err(unavailable)?;
+        sqlx::query("CREATE TABLE IF NOT EXISTS schema_version (version BIGINT NOT NULL)")
+            .execute(&mut *tx)
+            .await
+            .map_err(unavailable)?;
+        let current: Option<i64> = sqlx::query_scalar("SELECT MAX(version) FROM schema_version")
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(unavailable)?;
+        let current = usize::try_from(current.unwrap_or(0)).unwrap_or(0);
+        if current > MIGRATIONS.len() {
+            return Err(StoreError::Unavailable(format!(
+                "the store's schema (version {current}) is newer than this tollgate (version {})",
+                MIGRATIONS.len()
+            )));
+        }
+        for (i, sql) in MIGRATIONS.iter().enumerate().skip(current) {
+            sqlx::raw_sql(sql).execute(&mut *tx).await.map_err(unavailable)?;
+            sqlx::query("INSERT INTO schema_version (version) VALUES (?)")
+                .bind(i64::try_from(i + 1).unwrap_or(i64::MAX))
+                .execute(&mut *tx)
+                .await
+                .map_err(unavailable)?;
+        }
+        tx.commit().await.map_err(unavailable)
+    }
+}
+
+fn record(row: &SqliteRow) -> Result<KeyRecord, sqlx::Error> {
+    let scopes: String = row.try_get("scopes")?;
+    Ok(KeyRecord {
+        id: row.try_get("id")?,
+        name: row.try_get("name")?,
+        org: row.try_get("org")?,
+        workspace: row.try_get("workspace")?,
+        tier: row.try_get("tier")?,
+        scopes: scopes.split_whitespace().map(str::to_string).collect(),
+        secret_hash: row.try_get("secret_hash")?,
+        created_at: row.try_get("created_at")?,
+        expires_at: row.try_get("expires_at")?,
+        last_used_at: row.try_get("last_used_at")?,
+        revoked_at: row.try_get("revoked_at")?,
+        revoked_by: row.try_get("revoked_by")?,
+        rotated_from: row.try_get("rotated_from")?,
+    })
+}
+
+fn event(row: &SqliteRow) -> Result<AuditEvent, sqlx::Error> {
+    Ok(AuditEvent {
+        key_id: row.try_get("key_id")?,
+        org: row.try_get("org")?,
+        action: row.try_get("action")?,
+        actor: row.try_get("actor")?,
+        at: row.try_get("at")?,
+        detail: row.try_get("detail")?,
+    })
+}
+
+const INSERT_AUDIT: &str =
+    "INSERT INTO audit (key_id, org, action, actor, at, detail) VALUES (?, ?, ?, ?, ?, ?)";
+
+async fn append(conn: &mut sqlx::SqliteConnection, e: &AuditEvent) -> Result<(), sqlx::Error> {
+    sqlx::query(INSERT_AUDIT)
+        .bind(&e.key_id)
+        .bind(&e.org)
+        .bind(&e.action)
+        .bind(&e.actor)
+        .bind(e.at)
+        .bind(&e.detail)
+        .execute(conn)
+        .await
+        .map(|_| ())
+}
+
+#[async_trait::async_trait]
+impl KeyStore for SqliteStore {
+    async fn get(&self, id: &str) -> Result<Option<KeyRecord>, StoreError> {
+        let row = sqlx::query("SELECT * FROM keys WHERE id = ?")
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(unavailable)?;
+        row.as_ref().map(record).transpose().map_err(unavailable)
+    }
+
+    async fn list(&self, org: Option<&str>) -> Result<Vec<KeyRecord>, StoreError> {
+        let rows = match org {
+            Some(org) => sqlx::query("SELECT * FROM keys WHERE org = ? ORDER BY created_at, id").bind(org),
+            None => sqlx::query("SELECT * FROM keys ORDER BY org, created_at, id"),
+        }
+        .fetch_all(&self.pool)
+        .await
+        .map_err(unavailable)?;
+        rows.iter().map(record).collect::<Result<_, _>>().map_err(unavailable)
+    }
+
+    async fn insert(&self, r: &KeyRecord, e: &AuditEvent) -> Result<(), StoreError> {
+        let mut tx = self.pool.begin().await.map_err(unavailable)?;
+        let inserted = sqlx::query(
+            "INSERT INTO keys (id, name, org, workspace, tier, scopes, secret_hash, created_at, expires_at, \
+             last_used_at, revoked_at, revoked_by, rotated_from, updated_at) \
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        )
+        .bind(&r.id)
+        .bind(&r.name)
+        .bind(&r.org)
+        .bind(&r.workspace)
+        .bind(&r.tier)
+        .bind(r.scopes.join(" "))
+        .bind(&r.secret_hash)
+        .bind(r.created_at)
+        .bind(r.expires_at)
+        .bind(r.last_used_at)
+        .bind(r.revoked_at)
+        .bind(&r.revoked_by)
+        .bind(&r.rotated_from)
+        .bind(r.created_at)
+        .execute(&mut *tx)
+        .await;
+        if let Err(err) = inserted {
+            return Err(match err.as_database_error() {
+                Some(d) if d.is_unique_violation() => {
+                    StoreError::Conflict(format!("key id {} already exists", r.id))
+                }
+                _ => unavailable(err),
+            });
+        }
+        append(&mut tx, e).await.map_err(unavailable)?;
+        tx.commit().await.map_err(unavailable)
+    }
+
+    async fn set_revoked(
+        &self,
+        id: &str,
+        revoked: Option<(i64, &str)>,
+        e: &AuditEvent,
+    ) -> Result<bool, StoreError> {
+        let mut tx = self.pool.begin().await.map_err(unavailable)?;
+        let done = sqlx::query("UPDATE keys SET revoked_at = ?, revoked_by = ?, updated_at = ? WHERE id = ?")
+            .bind(revoked.map(|r| r.0))
+            .bind(revoked.map(|r| r.1))
+            .bind(e.at)
+            .bind(id)
+            .execute(&mut *tx)
+            .await
+            .map_err(unavailable)?;
+        if done.rows_affected() == 0 {
+            return Ok(false);
+        }
+        append(&mut tx, e).await.map_err(unavailable)?;
+        tx.commit().await.map_err(unavailable)?;
+        Ok(true)
+    }
+
+    async fn touch(&self, used: &[(String, i64)]) -> Result<(), StoreError> {
+        if used.is_empty() {
+            return Ok(());
+        }
+        let mut tx = self.pool.begin().await.map_err(unavailable)?;
+        for (id, at) in used {
+            // Not `updated_at`: a use is not a change other instances must react to.
+            sqlx::query("UPDATE keys SET last_used_at = ? WHERE id = ? AND (last_used_at IS NULL OR last_used_at < ?)")
+                .bind(at)
+                .bind(id)
+                .bind(at)
+                .execute(&mut *tx)
+                .await
+                .map_err(unavailable)?;
+        }
+        tx.commit().await.map_err(unavailable)
+    }
+
+    async fn changed_since(&self, since_ms: i64) -> Result<Vec<String>, StoreError> {
+        sqlx::query_scalar("SELECT id FROM keys WHERE updated_at >= ?")
+            .bind(since_ms)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(unavailable)
+    }
+
+    async fn purge(&self, before_ms: i64, now_ms: i64) -> Result<Vec<String>, StoreError> {
+        let mut tx = self.pool.begin().await.map_err(unavailable)?;
+        let rows = sqlx::query("SELECT id, org FROM keys WHERE revoked_at IS NOT NULL AND revoked_at < ?")
+            .bind(before_ms)
+            .fetch_all(&mut *tx)
+            .await
+            .map_err(unavailable)?;
+        let mut ids = Vec::with_capacity(rows.len());
+        for row in rows {
+            let id: String = row.try_get("id").map_err(unavailable)?;
+            let org: String = row.try_get("org").map_err(unavailable)?;
+            sqlx::query("DELETE FROM keys WHERE id = ?")
+                .bind(&id)
+                .execute(&mut *tx)
+                .await
+                .map_err(unavailable)?;
+            let e = AuditEvent {
+                key_id: id.clone(),
+                org,
+                action: "purge".into(),
+                actor: "system".into(),
+                at: now_ms,
+                detail: None,
+            };
+            append(&mut tx, &e).await.map_err(unavailable)?;
+            ids.push(id);
+        }
+        tx.commit().await.map_err(unavailable)?;
+        Ok(ids)
+    }
+
+    async fn record(&self, e: &AuditEvent) -> Result<(), StoreError> {
+        let mut conn = self.pool.acquire().await.map_err(unavailable)?;
+        append(&mut conn, e).await.map_err(unavailable)
+    }
+
+    async fn audit(&self, id: &str) -> Result<Vec<AuditEvent>, StoreError> {
+        let rows = sqlx::query("SELECT * FROM audit WHERE key_id = ? ORDER BY seq")
+            .bind(id)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(unavailable)?;
+        rows.iter().map(event).collect::<Result<_, _>>().map_err(unavailable)
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn rec(id: &str, org: &str) -> KeyRecord {
+        KeyRecord {
+            id: id.into(),
+            name: "n".into(),
+            org: org.into(),
+            workspace: "default".into(),
+            tier: "audit".into(),
+            scopes: vec!["inference:read".into(), "inference:write".into()],
+            secret_hash: "$argon2id$x".into(),
+            created_at: 1000,
+            expires_at: None,
+            last_used_at: None,
+            revoked_at: None,
+            revoked_by: None,
+            rotated_from: None,
+        }
+    }
+
+    fn ev(id: &str, action: &str, at: i64) -> AuditEvent {
+        AuditEvent {
+            key_id: id.into(),
+            org: "acme".into(),
+            action: action.into(),
+            actor: "cli".into(),
+            at,
+            detail: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn round_trip_revoke_restore_purge_and_audit() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.db");
+        let s = SqliteStore::open(&path).await.unwrap();
+        s.insert(&rec("a", "acme"), &ev("a", "create", 1000)).await.unwrap();
+        s.insert(&rec("b", "other"), &ev("b", "create", 1000)).await.unwrap();
+        assert!(matches!(
+            s.insert(&rec("a", "acme"), &ev("a", "create", 1)).await,
+            Err(StoreError::Conflict(_))
+        ));
+        assert_eq!(s.get("a").await.unwrap().unwrap(), rec("a", "acme"));
+        assert_eq!(s.list(Some("acme")).await.unwrap().len(), 1);
+        assert_eq!(s.list(None).await.unwrap().len(), 2);
+
+        assert!(s.set_revoked("a", Some((2000, "cli")), &ev("a", "revoke", 2000)).await.unwrap());
+        assert!(!s.set_revoked("zz", Some((2000, "cli")), &ev("zz", "revoke", 2000)).await.unwrap());
+        assert_eq!(s.changed_since(2000).await.unwrap(), ["a"]);
+        assert!(s.changed_since(2001).await.unwrap().is_empty());
+        let a = s.get("a").await.unwrap().unwrap();
+        assert_eq!((a.revoked_at, a.revoked_by.as_deref()), (Some(2000), Some("cli")));
+
+        s.touch(&[("b".into(), 5000)]).await.unwrap();
+        s.touch(&[("b".into(), 4000)]).await.unwrap();
+        assert_eq!(s.get("b").await.unwrap().unwrap().last_used_at, Some(5000));
+
+        assert!(s.purge(2000, 9000).await.unwrap().is_empty(), "revoked at 2000 is not before 2000");
+        assert_eq!(s.purge(2001, 9000).await.unwrap(), ["a"]);
+        assert!(s.get("a").await.unwrap().is_none());
+        let actions: Vec<String> = s.audit("a").await.unwrap().into_iter().map(|e| e.action).collect();
+        assert_eq!(actions, ["create", "revoke", "purge"]);
+
+        // Reopening applies no migration twice.
+        drop(s);
+        let s = SqliteStore::open(&path).await.unwrap();
+        assert!(s.get("b").await.unwrap().is_some());
+    }
+}
