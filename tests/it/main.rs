@@ -9,5 +9,6 @@ mod cli;
 mod keys;
 mod lifecycle;
 mod proxy;
+mod sdk;
 mod streaming;
 mod tls;

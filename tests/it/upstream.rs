@@ -183,6 +183,7 @@ async fn handle(s: Arc<Shared>, req: Request<Incoming>) -> Response<Body> {
             });
             sse(rx)
         }
+        "openai" => openai(req).await,
         "status" => {
             let code: u16 = header(&req, "x-mock-status").and_then(|v| v.parse().ok()).unwrap_or(500);
             full(
@@ -205,6 +206,46 @@ async fn handle(s: Arc<Shared>, req: Request<Incoming>) -> Response<Body> {
             full(StatusCode::OK, json!({"method": method, "path": path, "headers": headers, "body": body}))
         }
     }
+}
+
+/// Just enough of the OpenAI API for the official SDK: model list, chat completion, streamed
+/// chat completion ("hello world").
+async fn openai(req: Request<Incoming>) -> Response<Body> {
+    let path = req.uri().path().to_string();
+    let body = req.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+    let body: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
+    if path == "/v1/models" {
+        return full(
+            StatusCode::OK,
+            json!({"object": "list", "data": [{"id": "mock-model", "object": "model", "created": 0, "owned_by": "tests"}]}),
+        );
+    }
+    let completion = |delta: bool, content: &str, finish: Option<&str>| {
+        let message = json!({"role": "assistant", "content": content});
+        let choice = if delta {
+            json!({"index": 0, "delta": message, "finish_reason": finish})
+        } else {
+            json!({"index": 0, "message": message, "finish_reason": finish, "logprobs": null})
+        };
+        json!({
+            "id": "chatcmpl-mock", "created": 0, "model": "mock-model",
+            "object": if delta { "chat.completion.chunk" } else { "chat.completion" },
+            "choices": [choice],
+        })
+    };
+    if body["stream"] == json!(true) {
+        let (tx, rx) = mpsc::channel(8);
+        tokio::spawn(async move {
+            for (text, finish) in [("hello", None), (" world", None), ("", Some("stop"))] {
+                let event = format!("data: {}\n\n", completion(true, text, finish));
+                let _ = tx.send(Ok(Frame::data(Bytes::from(event)))).await;
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            let _ = tx.send(Ok(Frame::data(Bytes::from_static(b"data: [DONE]\n\n")))).await;
+        });
+        return sse(rx);
+    }
+    full(StatusCode::OK, completion(false, "hello", Some("stop")))
 }
 
 /// An `mpsc::Receiver` as a `futures_core::Stream`.
