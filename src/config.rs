@@ -151,6 +151,14 @@ struct RawFailedAuth {
 struct RawRateLimits {
     per: Option<String>,
     backend: Option<String>,
+    overrides: RawOverrides,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+struct RawOverrides {
+    orgs: BTreeMap<String, RawTier>,
+    keys: BTreeMap<String, RawTier>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -262,6 +270,10 @@ pub enum LimitBackend {
 pub struct RateLimits {
     pub per: LimitPer,
     pub backend: LimitBackend,
+    /// Negotiated limits for one organisation, replacing its keys' tier limits.
+    pub org_overrides: BTreeMap<String, Tier>,
+    /// Negotiated limits for one key (by id), replacing its tier and organisation limits.
+    pub key_overrides: BTreeMap<String, Tier>,
 }
 
 /// One tier. `None` means unlimited in that dimension.
@@ -643,18 +655,26 @@ impl Validator {
                 LimitBackend::Local
             }
         };
-        RateLimits { per, backend }
+        let org_overrides = self.tier_map("rate_limits.overrides.orgs", raw.overrides.orgs);
+        let key_overrides = self.tier_map("rate_limits.overrides.keys", raw.overrides.keys);
+        RateLimits { per, backend, org_overrides, key_overrides }
     }
 
     fn tiers(&mut self, raw: Option<BTreeMap<String, RawTier>>) -> BTreeMap<String, Tier> {
-        let Some(raw) = raw else {
-            return default_tiers();
-        };
+        match raw {
+            None => default_tiers(),
+            Some(raw) => self.tier_map("tiers", raw),
+        }
+    }
+
+    /// A map of named limits: the tiers, or the overrides (names are then org names or key ids).
+    fn tier_map(&mut self, at: &str, raw: BTreeMap<String, RawTier>) -> BTreeMap<String, Tier> {
         let mut tiers = BTreeMap::new();
         for (name, t) in raw {
-            let base = format!("tiers.{name}");
-            if name.is_empty() || !name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_') {
-                self.problem(&base, "tier names use ASCII letters, digits, `-` and `_`");
+            let base = format!("{at}.{name}");
+            let ok = |b: u8| b.is_ascii_alphanumeric() || b"-_.:@".contains(&b);
+            if name.is_empty() || name.len() > 64 || !name.bytes().all(ok) {
+                self.problem(&base, "names use 1 to 64 ASCII letters, digits or `-_.:@`");
             }
             let rps = self.count(
                 &format!("{base}.requests_per_second"),
@@ -842,6 +862,20 @@ mod tests {
         assert_eq!(c.tiers["audit-plus"].burst, Some(800));
         assert_eq!(c.tiers["enterprise"].daily_requests, None);
         assert_eq!(Config::default(), c);
+    }
+
+    #[test]
+    fn overrides_are_validated_like_tiers() {
+        let c = Config::from_yaml(
+            "rate_limits:\n  overrides:\n    orgs: { acme: { requests_per_second: 500, burst: 2000 } }\n    keys: { abc: { daily_requests: 10 } }\n",
+            "t",
+        )
+        .unwrap();
+        assert_eq!(c.rate_limits.org_overrides["acme"].burst, Some(2000));
+        assert_eq!(c.rate_limits.key_overrides["abc"].daily_requests, Some(10));
+        let e = Config::from_yaml("rate_limits: { overrides: { orgs: { acme: { burst: 5 } } } }\n", "t")
+            .unwrap_err();
+        assert_eq!(e.problems[0].path, "rate_limits.overrides.orgs.acme.burst");
     }
 
     #[test]

@@ -10,7 +10,7 @@
 //!             authenticate                         auth.rs, keys.rs, store/
 //!             (key-management API, served here)    keys_api.rs, manage.rs
 //!             route table ─► scope check           scope.rs
-//!             rate limit                           (ratelimit.rs — next)
+//!             rate limit                           ratelimit.rs
 //!             forward, streaming both ways         forward.rs, body.rs
 //!        ─► response; metrics + access log         metrics.rs
 //! every failure → one JSON error body              error.rs
@@ -31,6 +31,7 @@ pub mod listener;
 pub mod manage;
 pub mod metrics;
 pub mod proxy;
+pub mod ratelimit;
 pub mod reload;
 pub mod scope;
 pub mod server;
@@ -82,9 +83,11 @@ pub async fn serve(
     let reloader = reload::Reloader::new(state.clone(), certs, log_level);
     let reload_task = tokio::spawn(reloader.run());
     let auth_task = tokio::spawn(auth::maintain(auth.clone(), state.clone()));
+    let limits_task = tokio::spawn(ratelimit::maintain(state.clone()));
     listener::serve(state, listeners, acceptor, shutdown).await;
     reload_task.abort();
     auth_task.abort();
+    limits_task.abort();
     // Last-used timestamps still in memory are written before exit.
     auth::flush_usage(&auth).await;
     Ok(())

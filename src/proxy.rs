@@ -3,9 +3,9 @@
 //! 1. `reject_key_in_url`, `check_target`, header size — refuse what must never go further;
 //! 2. authenticate — `Authorization: Bearer` → principal (cache → store → Argon2id);
 //! 3. route table → scope check (`/v1/keys…` is then served by tollgate itself);
-//! 4. rate limit (issue: rate limiting);
+//! 4. rate limit — per-second GCRA + daily budget; never queued, 429 with `Retry-After`;
 //! 5. forward — pooled upstream, streaming both ways;
-//! 6. response: `x-request-id`, then metrics and one access-log line when the body ends.
+//! 6. response: `x-request-id`, rate-limit headers, then metrics and one access-log line when the body ends.
 //!
 //! `handle` never fails: every `Err` becomes the JSON response of §5 in one place.
 
@@ -20,6 +20,7 @@ use crate::error::Error;
 use crate::forward::{self, Peer};
 use crate::keys_api;
 use crate::metrics::method_label;
+use crate::ratelimit::Quota;
 use crate::scope::{Handler, Route, UNMATCHED};
 use crate::state::{Snapshot, State};
 use crate::target::{check_target, reject_key_in_url};
@@ -44,14 +45,19 @@ impl Proxy {
         let route = snap.routes.find(req.method(), &path).cloned();
         self.state.metrics.inflight.inc();
 
-        let (mut rsp, code) = match self.pipeline(&snap, req, peer, &request_id, route.as_ref()).await {
-            Ok(rsp) => (rsp, "ok"),
-            Err(e) => {
-                let code = e.code();
-                (e.into_response(), code)
-            }
-        };
+        let mut quota = None;
+        let (mut rsp, code) =
+            match self.pipeline(&snap, req, peer, &request_id, route.as_ref(), &mut quota).await {
+                Ok(rsp) => (rsp, "ok"),
+                Err(e) => {
+                    let code = e.code();
+                    (e.into_response(), code)
+                }
+            };
         rsp.headers_mut().insert(HeaderName::from_static("x-request-id"), request_id.clone());
+        if let Some(q) = quota {
+            q.write_headers(rsp.headers_mut());
+        }
         let status = rsp.status().as_u16();
         rsp.body_mut().on_finish(Box::new(Record {
             state: self.state.clone(),
@@ -74,6 +80,7 @@ impl Proxy {
         peer: Peer,
         request_id: &HeaderValue,
         route: Option<&Route>,
+        quota: &mut Option<Quota>,
     ) -> Result<Response<Body>, Error> {
         reject_key_in_url(req.uri(), &snap.config.auth.key_prefix)?;
         check_target(req.uri(), req.version(), req.headers())?;
@@ -87,6 +94,14 @@ impl Proxy {
             path: req.uri().path().to_string(),
         })?;
         route.check(principal.scopes())?;
+        match snap.limiter.check(&principal.key_id, &principal.org, &principal.tier) {
+            Ok(q) => *quota = Some(q),
+            Err(r) => {
+                self.state.metrics.rate_limited.with_label_values(&[&principal.tier, r.limit]).inc();
+                *quota = Some(r.quota);
+                return Err(r.error);
+            }
+        }
         if route.handler == Handler::Keys {
             return keys_api::handle(&self.state, snap, &principal, req).await;
         }

@@ -14,11 +14,14 @@ use crate::auth::Authenticator;
 use crate::config::{Config, ConfigError, Problem};
 use crate::forward;
 use crate::metrics::Metrics;
+use crate::ratelimit::Limiter;
 use crate::scope::RouteTable;
 
 /// One config generation, immutable once built.
 pub struct Snapshot {
     pub config: Config,
+    /// Rate-limit state; unchanged tiers keep theirs across reloads.
+    pub limiter: Arc<Limiter>,
     pub routes: RouteTable,
     pub upstream: forward::Upstream,
     pub client: forward::Client,
@@ -51,6 +54,7 @@ impl Snapshot {
             _ => forward::client(config.upstream.connect_timeout),
         };
         Ok(Snapshot {
+            limiter: Arc::new(Limiter::from_config(&config, previous.map(|p| p.limiter.as_ref()))),
             routes: RouteTable::new(&config.routes, config.default_scope.as_deref()),
             upstream: forward::Upstream::new(&config.upstream, &config.limits, authorization),
             client,

@@ -9,6 +9,7 @@ mod cli;
 mod keys;
 mod lifecycle;
 mod proxy;
+mod ratelimit;
 mod sdk;
 mod streaming;
 mod tls;

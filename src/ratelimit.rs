@@ -1,0 +1,337 @@
+//! Rate limits (§4): per tier — or per organisation / key override — a GCRA per-second limit
+//! (governor) and a daily budget that resets at 00:00 UTC, applied per organisation or per key.
+//!
+//! One decision per request: the daily budget is reserved first, then the GCRA is asked; if the
+//! GCRA refuses, the reservation is returned, so a refused request consumes nothing. Both clocks
+//! are injected (governor's `Clock` for the GCRA, a wall clock for the UTC day) so the
+//! arithmetic is tested exactly. Sits after the scope check in the pipeline.
+
+use std::collections::HashMap;
+use std::fmt::Write as _;
+use std::num::NonZeroU32;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use dashmap::DashMap;
+use governor::clock::{Clock, DefaultClock};
+use governor::middleware::StateInformationMiddleware;
+use governor::state::keyed::DashMapStateStore;
+use governor::{Quota as GovernorQuota, RateLimiter};
+use http::{HeaderMap, HeaderName, HeaderValue};
+
+use crate::clock::DAY_MS;
+use crate::config::{Config, LimitPer, Tier};
+use crate::error::Error;
+
+type Gcra<C> = RateLimiter<Arc<str>, DashMapStateStore<Arc<str>>, C, StateInformationMiddleware>;
+
+/// Wall clock in Unix milliseconds (the UTC day of the daily budget).
+pub type Wall = Arc<dyn Fn() -> i64 + Send + Sync>;
+
+/// The limits of one tier or override, with the state of every organisation (or key) under it.
+pub struct Bucket<C: Clock + Clone> {
+    limits: Tier,
+    gcra: Option<Gcra<C>>,
+    /// Per limited entity: (UTC day number, requests admitted that day).
+    daily: DashMap<Arc<str>, Mutex<(i64, u64)>>,
+}
+
+impl<C: Clock + Clone> Bucket<C> {
+    fn new(limits: Tier, clock: &C) -> Bucket<C> {
+        let gcra = limits.requests_per_second.and_then(NonZeroU32::new).map(|rps| {
+            let burst = limits.burst.and_then(NonZeroU32::new).unwrap_or(rps);
+            let quota = GovernorQuota::per_second(rps).allow_burst(burst);
+            RateLimiter::<Arc<str>, _, C, governor::middleware::NoOpMiddleware<C::Instant>>::new(
+                quota,
+                DashMapStateStore::default(),
+                clock.clone(),
+            )
+            .with_middleware::<StateInformationMiddleware>()
+        });
+        Bucket { limits, gcra, daily: DashMap::new() }
+    }
+}
+
+/// What the limiter knows after a decision: rendered into the rate-limit headers.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Quota {
+    /// (burst, remaining burst capacity, requests per second).
+    per_second: Option<(u32, u32, u32)>,
+    /// (daily budget, remaining today, milliseconds until 00:00 UTC).
+    daily: Option<(u64, u64, i64)>,
+}
+
+fn seconds_ceil(ms: i64) -> u64 {
+    u64::try_from((ms + 999) / 1000).unwrap_or(0).max(1)
+}
+
+/// OpenAI's reset format: `20ms`, `1s`, `6m0s`, `13h5m2s`.
+fn openai_duration(ms: i64) -> String {
+    if ms < 1000 {
+        return format!("{}ms", ms.max(0));
+    }
+    let s = (ms + 999) / 1000;
+    let (h, m, s) = (s / 3600, s / 60 % 60, s % 60);
+    let mut out = String::new();
+    if h > 0 {
+        let _ = write!(out, "{h}h");
+    }
+    if h > 0 || m > 0 {
+        let _ = write!(out, "{m}m");
+    }
+    let _ = write!(out, "{s}s");
+    out
+}
+
+impl Quota {
+    /// Writes `x-ratelimit-*` (OpenAI's names, for the budget that runs out last: the daily one
+    /// when there is one) and the IETF `RateLimit-Policy` / `RateLimit` fields for every limit.
+    pub fn write_headers(&self, h: &mut HeaderMap) {
+        let mut policy = Vec::new();
+        let mut state = Vec::new();
+        if let Some((burst, remaining, rps)) = self.per_second {
+            // A full bucket of `burst` refills in burst/rps seconds: q/w states both the burst and
+            // the sustained rate.
+            let window = burst.div_ceil(rps.max(1));
+            let refill_ms = i64::from(burst - remaining.min(burst)) * 1000 / i64::from(rps.max(1));
+            policy.push(format!("\"requests_per_second\";q={burst};w={window}"));
+            state.push(format!("\"requests_per_second\";r={remaining};t={}", (refill_ms + 999) / 1000));
+        }
+        if let Some((budget, remaining, reset_ms)) = self.daily {
+            policy.push(format!("\"daily_requests\";q={budget};w=86400"));
+            state.push(format!("\"daily_requests\";r={remaining};t={}", seconds_ceil(reset_ms)));
+        }
+        let openai = match (self.daily, self.per_second) {
+            (Some((budget, remaining, reset_ms)), _) => Some((budget, remaining, reset_ms)),
+            (None, Some((burst, remaining, rps))) => {
+                let refill_ms = i64::from(burst - remaining.min(burst)) * 1000 / i64::from(rps.max(1));
+                Some((u64::from(burst), u64::from(remaining), refill_ms))
+            }
+            (None, None) => None,
+        };
+        let set = |h: &mut HeaderMap, name: &'static str, v: String| {
+            if let Ok(v) = HeaderValue::from_str(&v) {
+                h.insert(HeaderName::from_static(name), v);
+            }
+        };
+        if let Some((limit, remaining, reset_ms)) = openai {
+            set(h, "x-ratelimit-limit-requests", limit.to_string());
+            set(h, "x-ratelimit-remaining-requests", remaining.to_string());
+            set(h, "x-ratelimit-reset-requests", openai_duration(reset_ms));
+        }
+        if !policy.is_empty() {
+            set(h, "ratelimit-policy", policy.join(", "));
+            set(h, "ratelimit", state.join(", "));
+        }
+    }
+}
+
+/// A refused request: the 429 and the headers that go with it.
+#[derive(Debug)]
+pub struct Rejection {
+    pub error: Error,
+    pub quota: Quota,
+    /// `tollgate_rate_limited_total{limit}`.
+    pub limit: &'static str,
+}
+
+pub struct Limiter<C: Clock + Clone = DefaultClock> {
+    per: LimitPer,
+    tiers: HashMap<String, Arc<Bucket<C>>>,
+    orgs: HashMap<String, Arc<Bucket<C>>>,
+    keys: HashMap<String, Arc<Bucket<C>>>,
+    clock: C,
+    wall: Wall,
+}
+
+impl Limiter<DefaultClock> {
+    /// The production limiter: governor's monotonic clock and the system's wall clock.
+    pub fn from_config(config: &Config, previous: Option<&Limiter>) -> Limiter {
+        let clock = previous.map_or_else(DefaultClock::default, |p| p.clock.clone());
+        Limiter::new(config, previous, clock, Arc::new(crate::clock::now_ms))
+    }
+}
+
+impl<C: Clock + Clone> Limiter<C> {
+    /// Builds the limiter of a config generation. Buckets whose limits are unchanged are taken
+    /// over from `previous` with their state; changed or new ones start full.
+    pub fn new(config: &Config, previous: Option<&Limiter<C>>, clock: C, wall: Wall) -> Limiter<C> {
+        let build = |limits: &Tier, old: Option<&Arc<Bucket<C>>>| match old {
+            Some(b) if b.limits == *limits => b.clone(),
+            _ => Arc::new(Bucket::new(*limits, &clock)),
+        };
+        let map = |src: &std::collections::BTreeMap<String, Tier>,
+                   old: Option<&HashMap<String, Arc<Bucket<C>>>>| {
+            src.iter()
+                .map(|(name, limits)| (name.clone(), build(limits, old.and_then(|o| o.get(name)))))
+                .collect()
+        };
+        let rl = &config.rate_limits;
+        Limiter {
+            per: rl.per,
+            tiers: map(&config.tiers, previous.map(|p| &p.tiers)),
+            orgs: map(&rl.org_overrides, previous.map(|p| &p.orgs)),
+            keys: map(&rl.key_overrides, previous.map(|p| &p.keys)),
+            clock,
+            wall,
+        }
+    }
+
+    /// Decides one request of key `key_id` of organisation `org` in tier `tier`.
+    pub fn check(&self, key_id: &str, org: &str, tier: &str) -> Result<Quota, Box<Rejection>> {
+        // Overrides are negotiated per key or per organisation; their state is their own.
+        let (bucket, entity) = if let Some(b) = self.keys.get(key_id) {
+            (b, format!("key:{key_id}"))
+        } else if let Some(b) = self.orgs.get(org) {
+            (b, format!("org:{org}"))
+        } else if let Some(b) = self.tiers.get(tier) {
+            let entity = match self.per {
+                LimitPer::Org => format!("org:{org}"),
+                LimitPer::Key => format!("key:{key_id}"),
+            };
+            (b, entity)
+        } else {
+            return Err(Box::new(Rejection {
+                error: Error::RateLimited {
+                    message: format!(
+                        "This key's tier `{tier}` is not configured on this server; ask an operator."
+                    ),
+                    limit: "tier",
+                    tier: Some(tier.to_string()),
+                    retry_after: 3600,
+                    exhausted: true,
+                },
+                quota: Quota::default(),
+                limit: "tier",
+            }));
+        };
+        let entity: Arc<str> = entity.into();
+        let mut quota = Quota::default();
+        let now_ms = (self.wall)();
+        let day = now_ms.div_euclid(DAY_MS);
+        let until_midnight = (day + 1) * DAY_MS - now_ms;
+
+        // 1. Reserve today's budget.
+        let reserved = match bucket.limits.daily_requests {
+            None => false,
+            Some(budget) => {
+                let slot = bucket.daily.entry(entity.clone()).or_insert_with(|| Mutex::new((day, 0)));
+                let mut used = slot.lock().unwrap_or_else(|e| e.into_inner());
+                if used.0 != day {
+                    *used = (day, 0);
+                }
+                if used.1 >= budget {
+                    quota.daily = Some((budget, 0, until_midnight));
+                    drop(used);
+                    self.add_per_second_state(bucket, &mut quota);
+                    return Err(Box::new(Rejection {
+                        error: Error::RateLimited {
+                            message: format!(
+                                "Daily request budget of {budget} exhausted for tier `{tier}`; it resets at 00:00 UTC."
+                            ),
+                            limit: "daily_requests",
+                            tier: Some(tier.to_string()),
+                            retry_after: seconds_ceil(until_midnight),
+                            exhausted: true,
+                        },
+                        quota,
+                        limit: "daily_requests",
+                    }));
+                }
+                used.1 += 1;
+                quota.daily = Some((budget, budget - used.1, until_midnight));
+                true
+            }
+        };
+
+        // 2. The per-second GCRA.
+        if let (Some(gcra), Some(rps)) = (&bucket.gcra, bucket.limits.requests_per_second) {
+            let burst = bucket.limits.burst.unwrap_or(rps);
+            match gcra.check_key(&entity) {
+                Ok(snapshot) => quota.per_second = Some((burst, snapshot.remaining_burst_capacity(), rps)),
+                Err(not_until) => {
+                    // A refused request consumes nothing: give the daily reservation back.
+                    if reserved {
+                        if let Some(slot) = bucket.daily.get(&entity) {
+                            let mut used = slot.lock().unwrap_or_else(|e| e.into_inner());
+                            if used.0 == day {
+                                used.1 = used.1.saturating_sub(1);
+                            }
+                            if let Some(d) = quota.daily.as_mut() {
+                                d.1 = d.0 - used.1;
+                            }
+                        }
+                    }
+                    let wait = not_until.wait_time_from(self.clock.now());
+                    quota.per_second = Some((burst, 0, rps));
+                    return Err(Box::new(Rejection {
+                        error: Error::RateLimited {
+                            message: format!(
+                                "Rate limit of {rps} requests per second (burst {burst}) exceeded for tier `{tier}`."
+                            ),
+                            limit: "requests_per_second",
+                            tier: Some(tier.to_string()),
+                            retry_after: retry_after(wait),
+                            exhausted: false,
+                        },
+                        quota,
+                        limit: "requests_per_second",
+                    }));
+                }
+            }
+        }
+        Ok(quota)
+    }
+
+    /// For a daily rejection, the per-second state is reported without consuming a cell; the
+    /// burst is shown as it was last known full (governor has no read-only peek).
+    fn add_per_second_state(&self, bucket: &Bucket<C>, quota: &mut Quota) {
+        if let Some(rps) = bucket.limits.requests_per_second {
+            let burst = bucket.limits.burst.unwrap_or(rps);
+            quota.per_second = Some((burst, burst, rps));
+        }
+    }
+
+    /// Forgets state that carries no information: GCRA cells that have refilled completely and
+    /// daily counters of past days. Keeps memory bounded with many organisations.
+    pub fn forget_idle(&self) {
+        let day = (self.wall)().div_euclid(DAY_MS);
+        for b in self.tiers.values().chain(self.orgs.values()).chain(self.keys.values()) {
+            if let Some(g) = &b.gcra {
+                g.retain_recent();
+                g.shrink_to_fit();
+            }
+            b.daily.retain(|_, v| v.get_mut().map(|v| v.0 == day).unwrap_or(false));
+            b.daily.shrink_to_fit();
+        }
+    }
+
+    /// Entities with state (for the memory benchmark and tests).
+    pub fn tracked(&self) -> usize {
+        self.tiers
+            .values()
+            .chain(self.orgs.values())
+            .chain(self.keys.values())
+            .map(|b| b.gcra.as_ref().map_or(0, |g| g.len()).max(b.daily.len()))
+            .sum()
+    }
+}
+
+/// Background work: forgets idle limiter state every 30 s (bounded memory with many
+/// organisations; governor's keyed stores never shrink unless told to).
+pub async fn maintain(state: Arc<crate::state::State>) {
+    loop {
+        tokio::time::sleep(Duration::from_secs(30)).await;
+        state.snapshot().limiter.forget_idle();
+    }
+}
+
+/// `Retry-After` in whole seconds: rounded up, at least 1, so that a retry at that moment is
+/// admitted.
+fn retry_after(wait: Duration) -> u64 {
+    (wait.as_secs() + u64::from(wait.subsec_nanos() > 0)).max(1)
+}
+
+#[cfg(test)]
+#[path = "ratelimit/tests.rs"]
+mod tests;

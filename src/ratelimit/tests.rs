@@ -1,0 +1,268 @@
+//! Rate-limit arithmetic, exactly, with governor's fake clock and an injected wall clock.
+#![allow(clippy::unwrap_used)]
+
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use governor::clock::FakeRelativeClock;
+
+use super::*;
+
+/// 2026-11-23T12:00:00Z.
+const NOON: i64 = 20_780 * DAY_MS + DAY_MS / 2;
+
+struct Fixture {
+    clock: FakeRelativeClock,
+    wall: Arc<AtomicI64>,
+}
+
+impl Fixture {
+    fn new() -> Fixture {
+        Fixture { clock: FakeRelativeClock::default(), wall: Arc::new(AtomicI64::new(NOON)) }
+    }
+
+    fn limiter(&self, yaml: &str) -> Limiter<FakeRelativeClock> {
+        self.limiter_from(yaml, None)
+    }
+
+    fn limiter_from(
+        &self,
+        yaml: &str,
+        previous: Option<&Limiter<FakeRelativeClock>>,
+    ) -> Limiter<FakeRelativeClock> {
+        let config = Config::from_yaml(yaml, "t").unwrap();
+        let wall = self.wall.clone();
+        Limiter::new(&config, previous, self.clock.clone(), Arc::new(move || wall.load(Ordering::SeqCst)))
+    }
+
+    /// Advances both clocks.
+    fn advance(&self, by: Duration) {
+        self.clock.advance(by);
+        self.wall.fetch_add(i64::try_from(by.as_millis()).unwrap(), Ordering::SeqCst);
+    }
+}
+
+fn admit_all(l: &Limiter<FakeRelativeClock>, org: &str) -> u64 {
+    let mut n = 0;
+    while l.check("k1", org, "t").is_ok() {
+        n += 1;
+        assert!(n < 1_000_000, "never refused");
+    }
+    n
+}
+
+#[test]
+fn greedy_admissions_are_burst_plus_floor_rate_times_t_exactly() {
+    let f = Fixture::new();
+    let l = f.limiter("tiers: { t: { requests_per_second: 50, burst: 200 } }");
+    let mut total = admit_all(&l, "acme");
+    assert_eq!(total, 200, "a full bucket admits exactly `burst` at once");
+    let step = Duration::from_millis(7);
+    let mut elapsed = Duration::ZERO;
+    while elapsed < Duration::from_secs(3) {
+        f.advance(step);
+        elapsed += step;
+        total += admit_all(&l, "acme");
+        let expected = 200 + u64::try_from(50 * elapsed.as_millis() / 1000).unwrap();
+        assert_eq!(total, expected, "at t = {elapsed:?}");
+    }
+}
+
+#[test]
+fn no_window_admits_more_than_burst_plus_rate_times_window() {
+    let f = Fixture::new();
+    let l = f.limiter("tiers: { t: { requests_per_second: 10, burst: 5 } }");
+    let mut admitted_at = Vec::new();
+    let step = Duration::from_millis(3);
+    for i in 0..2000u64 {
+        // A greedy client that tries twice per step.
+        for _ in 0..2 {
+            if l.check("k1", "acme", "t").is_ok() {
+                admitted_at.push(i * 3);
+            }
+        }
+        f.advance(step);
+    }
+    for window_ms in [100u64, 500, 1000, 2500] {
+        for (i, start) in admitted_at.iter().enumerate() {
+            let inside = admitted_at[i..].iter().take_while(|t| **t < start + window_ms).count() as u64;
+            assert!(
+                inside <= 5 + 10 * window_ms / 1000,
+                "{inside} admitted within {window_ms} ms from {start}"
+            );
+        }
+    }
+}
+
+#[test]
+fn after_a_long_idle_the_bucket_is_full_but_not_more() {
+    let f = Fixture::new();
+    let l = f.limiter("tiers: { t: { requests_per_second: 50, burst: 200 } }");
+    assert_eq!(admit_all(&l, "acme"), 200);
+    f.advance(Duration::from_secs(3600));
+    assert_eq!(admit_all(&l, "acme"), 200);
+}
+
+#[test]
+fn retry_after_is_rounded_up_and_a_retry_then_is_admitted() {
+    let f = Fixture::new();
+    let l = f.limiter("tiers: { t: { requests_per_second: 1, burst: 3 } }");
+    assert_eq!(admit_all(&l, "acme"), 3);
+    let r = l.check("k1", "acme", "t").unwrap_err();
+    let Error::RateLimited { retry_after, limit, exhausted, ref tier, .. } = r.error else { panic!() };
+    assert_eq!(
+        (retry_after, limit, exhausted, tier.as_deref()),
+        (1, "requests_per_second", false, Some("t"))
+    );
+    f.advance(Duration::from_millis(999));
+    assert!(l.check("k1", "acme", "t").is_err(), "admitted before the emission interval");
+    f.advance(Duration::from_millis(1));
+    assert!(l.check("k1", "acme", "t").is_ok(), "refused at the announced moment");
+
+    // A wait under a second is announced as 1 (never 0), and 1 s later the retry passes.
+    let l = f.limiter("tiers: { t: { requests_per_second: 50, burst: 1 } }");
+    assert!(l.check("k1", "acme", "t").is_ok());
+    let Error::RateLimited { retry_after, .. } = l.check("k1", "acme", "t").unwrap_err().error else {
+        panic!()
+    };
+    assert_eq!(retry_after, 1);
+    f.advance(Duration::from_secs(retry_after));
+    assert!(l.check("k1", "acme", "t").is_ok());
+}
+
+#[test]
+fn the_daily_budget_resets_at_midnight_utc() {
+    let f = Fixture::new();
+    let l = f.limiter("tiers: { t: { daily_requests: 3 } }");
+    // 23:59:59.250 UTC.
+    f.wall.store(NOON + DAY_MS / 2 - 750, Ordering::SeqCst);
+    assert_eq!(admit_all(&l, "acme"), 3);
+    let r = l.check("k1", "acme", "t").unwrap_err();
+    let Error::RateLimited { retry_after, limit, exhausted, .. } = r.error else { panic!() };
+    assert_eq!((retry_after, limit, exhausted), (1, "daily_requests", true));
+    f.wall.store(NOON + DAY_MS / 2 - 1, Ordering::SeqCst);
+    assert!(l.check("k1", "acme", "t").is_err(), "reset before midnight");
+    f.wall.store(NOON + DAY_MS / 2, Ordering::SeqCst);
+    assert_eq!(admit_all(&l, "acme"), 3, "a full budget at 00:00:00.000 UTC");
+}
+
+#[test]
+fn a_request_refused_by_one_limit_consumes_nothing_from_the_other() {
+    let f = Fixture::new();
+    let l = f.limiter("tiers: { t: { requests_per_second: 1, burst: 1, daily_requests: 5 } }");
+    let q = l.check("k1", "acme", "t").unwrap();
+    assert_eq!(q.daily.map(|d| d.1), Some(4));
+    let r = l.check("k1", "acme", "t").unwrap_err();
+    assert_eq!(r.limit, "requests_per_second");
+    assert_eq!(r.quota.daily.map(|d| d.1), Some(4), "the per-second refusal used the daily budget");
+    f.advance(Duration::from_secs(1));
+    assert_eq!(l.check("k1", "acme", "t").unwrap().daily.map(|d| d.1), Some(3));
+
+    // Daily refusals leave the per-second bucket alone.
+    let l = f.limiter("tiers: { t: { requests_per_second: 1, burst: 2, daily_requests: 1 } }");
+    assert!(l.check("k1", "acme", "t").is_ok());
+    assert_eq!(l.check("k1", "acme", "t").unwrap_err().limit, "daily_requests");
+    f.wall.fetch_add(DAY_MS, Ordering::SeqCst);
+    assert!(l.check("k1", "acme", "t").is_ok(), "the daily refusal consumed a per-second cell");
+}
+
+#[test]
+fn organisations_share_and_keys_do_not_unless_per_key() {
+    let f = Fixture::new();
+    let l = f.limiter("tiers: { t: { requests_per_second: 1, burst: 2 } }");
+    assert!(l.check("k1", "acme", "t").is_ok());
+    assert!(l.check("k2", "acme", "t").is_ok());
+    assert!(l.check("k3", "acme", "t").is_err(), "keys of one organisation share its budget");
+    assert!(l.check("k4", "globex", "t").is_ok(), "organisations are independent");
+
+    let l = f.limiter("rate_limits: { per: key }\ntiers: { t: { requests_per_second: 1, burst: 1 } }");
+    assert!(l.check("k1", "acme", "t").is_ok());
+    assert!(l.check("k2", "acme", "t").is_ok());
+    assert!(l.check("k1", "acme", "t").is_err());
+}
+
+#[test]
+fn overrides_replace_the_tier_limits() {
+    let f = Fixture::new();
+    let l = f.limiter(
+        "tiers: { t: { requests_per_second: 1, burst: 1 } }\n\
+         rate_limits: { overrides: { orgs: { big: { requests_per_second: 10, burst: 10 } }, keys: { vip: { daily_requests: 2 } } } }",
+    );
+    assert_eq!(admit_all(&l, "small"), 1);
+    assert_eq!(admit_all(&l, "big"), 10);
+    assert!(l.check("vip", "small", "t").is_ok());
+    assert!(l.check("vip", "small", "t").is_ok());
+    let r = l.check("vip", "small", "t").unwrap_err();
+    assert_eq!(r.limit, "daily_requests");
+    let r = l.check("k1", "acme", "gone").unwrap_err();
+    assert_eq!(r.limit, "tier");
+}
+
+#[test]
+fn a_reload_keeps_unchanged_tiers_and_applies_changed_ones_at_once() {
+    let f = Fixture::new();
+    let l1 = f.limiter(
+        "tiers: { a: { requests_per_second: 1, burst: 2 }, b: { requests_per_second: 1, burst: 2 } }",
+    );
+    for tier in ["a", "b"] {
+        assert!(l1.check("k", "acme", tier).is_ok());
+        assert!(l1.check("k", "acme", tier).is_ok());
+        assert!(l1.check("k", "acme", tier).is_err());
+    }
+    let l2 = f.limiter_from(
+        "tiers: { a: { requests_per_second: 1, burst: 2 }, b: { requests_per_second: 1, burst: 5 }, c: { requests_per_second: 1 } }",
+        Some(&l1),
+    );
+    assert!(l2.check("k", "acme", "a").is_err(), "tier a lost its state");
+    assert_eq!(admit_all_tier(&l2, "b"), 5, "tier b did not take its new burst");
+    assert_eq!(admit_all_tier(&l2, "c"), 1, "a new tier applies at once");
+}
+
+fn admit_all_tier(l: &Limiter<FakeRelativeClock>, tier: &str) -> u64 {
+    let mut n = 0;
+    while l.check("k", "acme", tier).is_ok() {
+        n += 1;
+    }
+    n
+}
+
+#[test]
+fn idle_state_is_forgotten() {
+    let f = Fixture::new();
+    let l = f.limiter("tiers: { t: { requests_per_second: 100, burst: 100, daily_requests: 1000 } }");
+    for i in 0..1000 {
+        assert!(l.check("k", &format!("org{i}"), "t").is_ok());
+    }
+    assert_eq!(l.tracked(), 1000);
+    f.advance(Duration::from_secs(2));
+    f.wall.fetch_add(DAY_MS, Ordering::SeqCst);
+    l.forget_idle();
+    assert_eq!(l.tracked(), 0);
+}
+
+#[test]
+fn headers_carry_both_limits() {
+    let f = Fixture::new();
+    let l = f.limiter("tiers: { t: { requests_per_second: 50, burst: 200, daily_requests: 100000 } }");
+    let q = l.check("k1", "acme", "t").unwrap();
+    let mut h = HeaderMap::new();
+    q.write_headers(&mut h);
+    assert_eq!(h["x-ratelimit-limit-requests"], "100000");
+    assert_eq!(h["x-ratelimit-remaining-requests"], "99999");
+    assert_eq!(h["x-ratelimit-reset-requests"], "12h0m0s");
+    assert_eq!(
+        h["ratelimit-policy"],
+        "\"requests_per_second\";q=200;w=4, \"daily_requests\";q=100000;w=86400"
+    );
+    assert_eq!(h["ratelimit"], "\"requests_per_second\";r=199;t=1, \"daily_requests\";r=99999;t=43200");
+
+    let l = f.limiter("tiers: { t: { requests_per_second: 50, burst: 200 } }");
+    let mut h = HeaderMap::new();
+    l.check("k1", "acme", "t").unwrap().write_headers(&mut h);
+    assert_eq!(h["x-ratelimit-limit-requests"], "200");
+    assert_eq!(h["x-ratelimit-remaining-requests"], "199");
+    assert_eq!(h["x-ratelimit-reset-requests"], "20ms");
+    assert_eq!(openai_duration(360_000), "6m0s");
+    assert_eq!(openai_duration(1_500), "2s");
+}
