@@ -8,6 +8,7 @@ mod auth;
 mod cli;
 mod keys;
 mod lifecycle;
+mod observability;
 mod proxy;
 mod ratelimit;
 mod sdk;

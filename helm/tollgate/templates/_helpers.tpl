@@ -1,0 +1,112 @@
+{{- define "tollgate.name" -}}
+{{- .Chart.Name | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{- define "tollgate.fullname" -}}
+{{- if contains .Chart.Name .Release.Name -}}
+{{- .Release.Name | trunc 63 | trimSuffix "-" -}}
+{{- else -}}
+{{- printf "%s-%s" .Release.Name .Chart.Name | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "tollgate.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "tollgate.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end -}}
+
+{{- define "tollgate.labels" -}}
+{{ include "tollgate.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
+{{- end -}}
+
+{{- define "tollgate.image" -}}
+{{ .Values.image.repository }}:{{ .Values.image.tag | default .Chart.AppVersion }}
+{{- end -}}
+
+{{/* tollgate's config.yaml: the user's sections plus what the chart owns. */}}
+{{- define "tollgate.config" -}}
+{{- $c := deepCopy .Values.tollgate.config -}}
+{{- $up := merge (dict "url" (printf "http://127.0.0.1:%v" .Values.modelServer.port)) (default (dict) $c.upstream) -}}
+{{- if .Values.tollgate.upstreamApiKey.existingSecret -}}
+{{- $_ := set $up "api_key_env" "TOLLGATE_UPSTREAM_API_KEY" -}}
+{{- end -}}
+{{- $_ := set $c "upstream" $up -}}
+{{- $_ := set $c "listen" "0.0.0.0:8080" -}}
+{{- $_ := set $c "admin_listen" "0.0.0.0:9090" -}}
+{{- $_ := set $c "store" (dict "sqlite" "/var/lib/tollgate/tollgate.db") -}}
+{{- $sd := .Values.tollgate.shutdown -}}
+{{- $_ := set $c "shutdown" (dict "drain_delay" (printf "%vs" $sd.drainDelaySeconds) "timeout" (printf "%vs" $sd.timeoutSeconds)) -}}
+{{- if .Values.tollgate.tls.enabled -}}
+{{- $_ := set $c "tls" (dict "cert" "/etc/tollgate/tls/tls.crt" "key" "/etc/tollgate/tls/tls.key") -}}
+{{- end -}}
+{{- toYaml $c -}}
+{{- end -}}
+
+{{/* Long enough for preStop, the drain delay, in-flight requests, and a margin. */}}
+{{- define "tollgate.gracePeriod" -}}
+{{- $sd := .Values.tollgate.shutdown -}}
+{{- add $sd.preStopSeconds $sd.drainDelaySeconds $sd.timeoutSeconds 10 -}}
+{{- end -}}
+
+{{- define "tollgate.container" -}}
+name: tollgate
+image: {{ include "tollgate.image" . }}
+imagePullPolicy: {{ .Values.image.pullPolicy }}
+args: ["serve", "--config", "/etc/tollgate/conf/config.yaml"]
+env:
+  - name: TOLLGATE_CONFIG
+    value: /etc/tollgate/conf/config.yaml
+  {{- if .Values.tollgate.upstreamApiKey.existingSecret }}
+  - name: TOLLGATE_UPSTREAM_API_KEY
+    valueFrom:
+      secretKeyRef:
+        name: {{ .Values.tollgate.upstreamApiKey.existingSecret }}
+        key: {{ .Values.tollgate.upstreamApiKey.key }}
+  {{- end }}
+  {{- with .Values.tollgate.env }}
+  {{- toYaml . | nindent 2 }}
+  {{- end }}
+ports:
+  - name: http
+    containerPort: 8080
+    protocol: TCP
+  - name: admin
+    containerPort: 9090
+    protocol: TCP
+readinessProbe:
+  httpGet: { path: /readyz, port: admin }
+  periodSeconds: 2
+  failureThreshold: 1
+livenessProbe:
+  httpGet: { path: /healthz, port: admin }
+  periodSeconds: 10
+  failureThreshold: 3
+startupProbe:
+  httpGet: { path: /healthz, port: admin }
+  periodSeconds: 1
+  failureThreshold: 30
+lifecycle:
+  preStop:
+    sleep:
+      seconds: {{ .Values.tollgate.shutdown.preStopSeconds }}
+resources:
+  {{- toYaml .Values.tollgate.resources | nindent 2 }}
+securityContext:
+  {{- toYaml .Values.securityContext | nindent 2 }}
+volumeMounts:
+  # A directory mount, not subPath: the kubelet only updates whole-volume mounts, and tollgate
+  # reloads the file when it changes.
+  - name: config
+    mountPath: /etc/tollgate/conf
+    readOnly: true
+  - name: store
+    mountPath: /var/lib/tollgate
+  {{- if .Values.tollgate.tls.enabled }}
+  - name: tls
+    mountPath: /etc/tollgate/tls
+    readOnly: true
+  {{- end }}
+{{- end -}}

@@ -1,0 +1,194 @@
+"""Kubernetes packaging, rendered and validated for real (run by `.ci/test` with pytest).
+
+The chart is linted and rendered with Helm's own SDK (helm-python-sdk), the plain manifests are
+built with `kubectl kustomize`, every object is validated against the Kubernetes schemas
+(kubernetes-validate), the config each one carries passes `tollgate check`, and the alert rules
+pass `promtool check rules`.
+"""
+import json
+import os
+import pathlib
+import shutil
+import subprocess
+import tempfile
+
+import helm_python as helm
+import kubernetes_validate
+import pytest
+import yaml
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+CHART = ROOT / "helm" / "tollgate"
+KUBE_VERSION = "1.30.0"
+TOLLGATE = os.environ.get("TOLLGATE_BIN", str(ROOT / "target" / "debug" / "tollgate"))
+BIN = pathlib.Path(os.environ.get("VIRTUAL_ENV", ROOT / ".venv")) / "bin"
+
+VARIANT = {
+    "sidecar": {"native": True},
+    "tollgate": {
+        "tls": {"enabled": True, "secretName": "tollgate-tls"},
+        "upstreamApiKey": {"existingSecret": "model-key", "key": "token"},
+        "config": {"routes": "rest", "tiers": {"gold": {"requests_per_second": 5, "burst": 10}}},
+    },
+    "serviceMonitor": {"enabled": True},
+    "podMonitor": {"enabled": True},
+    "podDisruptionBudget": {"enabled": True},
+    "autoscaling": {"enabled": True},
+}
+
+
+def render(values=None):
+    chart = helm.Chart.load(str(CHART))
+    chart.validate_schema(values)
+    out = chart.render(values, name="demo", namespace="ml", is_install=True)
+    objects = []
+    for path, text in out.items():
+        if path.endswith(".txt"):
+            continue
+        objects.extend(o for o in yaml.safe_load_all(text) if o)
+    return objects
+
+
+def by_kind(objects, kind, name=None):
+    found = [o for o in objects if o["kind"] == kind and (name is None or o["metadata"]["name"] == name)]
+    assert found, f"no {kind} {name or ''} rendered"
+    return found
+
+
+def validate_all(objects):
+    for o in objects:
+        if o["apiVersion"].startswith("monitoring.coreos.com/"):
+            # Prometheus Operator CRDs are not in the Kubernetes schemas; checked by shape below.
+            assert o["spec"]["selector"]["matchLabels"]
+            continue
+        kubernetes_validate.validate(o, KUBE_VERSION, strict=True)
+
+
+def tollgate_container(deployment):
+    spec = deployment["spec"]["template"]["spec"]
+    containers = spec.get("containers", []) + spec.get("initContainers", [])
+    return next(c for c in containers if c["name"] == "tollgate"), spec
+
+
+def check_config(text):
+    with tempfile.NamedTemporaryFile("w", suffix=".yaml") as f:
+        f.write(text)
+        f.flush()
+        out = subprocess.run([TOLLGATE, "check", "--config", f.name], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+
+
+def test_chart_lints_clean():
+    for values in (None, VARIANT):
+        report = helm.lint(str(CHART), values, strict=True, kube_version=f"v{KUBE_VERSION}")
+        errors = [m for m in report["messages"] if m["severity"] >= 2] + report["errors"]
+        # `icon is recommended` is informational (severity 1) and allowed.
+        assert not errors, errors
+
+
+@pytest.mark.parametrize("values", [None, VARIANT], ids=["defaults", "native-sidecar-tls-monitors"])
+def test_every_rendered_object_validates(values):
+    validate_all(render(values))
+
+
+@pytest.mark.parametrize("values", [None, VARIANT], ids=["defaults", "native-sidecar-tls-monitors"])
+def test_security_probes_and_shutdown(values):
+    objects = render(values)
+    (deployment,) = by_kind(objects, "Deployment")
+    c, spec = tollgate_container(deployment)
+    psc = spec["securityContext"]
+    assert psc["runAsNonRoot"] is True and psc["runAsUser"] != 0
+    assert psc["seccompProfile"]["type"] == "RuntimeDefault"
+    sc = c["securityContext"]
+    assert sc["allowPrivilegeEscalation"] is False
+    assert sc["readOnlyRootFilesystem"] is True
+    assert sc["capabilities"]["drop"] == ["ALL"]
+    assert c["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "admin"}
+    assert c["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "admin"}
+    pre_stop = c["lifecycle"]["preStop"]["sleep"]["seconds"]
+    assert pre_stop >= 1
+    # The grace period covers preStop + drain_delay + shutdown.timeout.
+    config = yaml.safe_load(by_kind(objects, "ConfigMap", "demo-tollgate")[0]["data"]["config.yaml"])
+    seconds = lambda d: int(d.rstrip("s"))
+    needed = pre_stop + seconds(config["shutdown"]["drain_delay"]) + seconds(config["shutdown"]["timeout"])
+    assert spec["terminationGracePeriodSeconds"] > needed
+    # The Service targets tollgate, never the model server.
+    (service,) = by_kind(objects, "Service")
+    assert {p["targetPort"] for p in service["spec"]["ports"]} == {"http", "admin"}
+    model = next(x for x in spec["containers"] if x["name"] == "model-server")
+    assert "127.0.0.1" in model["args"], "the model server must not listen on the pod IP"
+    # A config change rolls the pod.
+    assert "checksum/config" in deployment["spec"]["template"]["metadata"]["annotations"]
+
+
+def test_native_sidecar_and_variant_objects():
+    objects = render(VARIANT)
+    (deployment,) = by_kind(objects, "Deployment")
+    spec = deployment["spec"]["template"]["spec"]
+    (init,) = spec["initContainers"]
+    assert init["name"] == "tollgate" and init["restartPolicy"] == "Always"
+    assert all(c["name"] != "tollgate" for c in spec["containers"])
+    assert "replicas" not in deployment["spec"], "the HPA owns replicas"
+    for kind in ("ServiceMonitor", "PodMonitor", "PodDisruptionBudget", "HorizontalPodAutoscaler"):
+        by_kind(objects, kind)
+    env = {e["name"]: e for e in init["env"]}
+    assert env["TOLLGATE_UPSTREAM_API_KEY"]["valueFrom"]["secretKeyRef"] == {"name": "model-key", "key": "token"}
+    config = yaml.safe_load(by_kind(objects, "ConfigMap", "demo-tollgate")[0]["data"]["config.yaml"])
+    assert config["tls"] == {"cert": "/etc/tollgate/tls/tls.crt", "key": "/etc/tollgate/tls/tls.key"}
+    assert config["upstream"]["api_key_env"] == "TOLLGATE_UPSTREAM_API_KEY"
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    assert volumes["tls"]["secret"]["secretName"] == "tollgate-tls"
+
+
+@pytest.mark.parametrize("values", [None, VARIANT], ids=["defaults", "native-sidecar-tls-monitors"])
+def test_rendered_config_passes_tollgate_check(values):
+    objects = render(values)
+    for cm in by_kind(objects, "ConfigMap"):
+        check_config(cm["data"]["config.yaml"])
+    (job,) = by_kind(objects, "Job")
+    assert job["metadata"]["annotations"]["helm.sh/hook"] == "pre-install,pre-upgrade"
+    assert job["spec"]["template"]["spec"]["containers"][0]["args"][0] == "check"
+
+
+def test_schema_rejects_bad_values():
+    chart = helm.Chart.load(str(CHART))
+    for bad in (
+        {"tollgate": {"shutdown": {"timeoutSeconds": 0}}},
+        {"tollgate": {"tls": {"enabled": True, "secretName": ""}}},
+        {"tollgate": {"config": {"listen": "0.0.0.0:1"}}},
+        {"tollgate": {"config": {"tiers": {"gold": {"requests_per_second": "fast"}}}}},
+        {"modelServer": {"port": 8080}},
+    ):
+        with pytest.raises(helm.HelmError):
+            chart.validate_schema(bad)
+
+
+@pytest.mark.parametrize("overlay", ["deploy/kubernetes", "deploy/kubernetes/add-to-existing"])
+def test_plain_manifests_build_and_validate(overlay):
+    out = subprocess.run([str(BIN / "kubectl"), "kustomize", str(ROOT / overlay)], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    objects = [o for o in yaml.safe_load_all(out.stdout) if o]
+    validate_all(objects)
+    deployment = by_kind(objects, "Deployment")[0]
+    c, spec = tollgate_container(deployment)
+    assert c["securityContext"]["readOnlyRootFilesystem"] is True
+    assert c["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    # The generated ConfigMap name is what the pod mounts.
+    (cm,) = by_kind(objects, "ConfigMap")
+    assert any(v.get("configMap", {}).get("name") == cm["metadata"]["name"] for v in spec["volumes"])
+    check_config(cm["data"]["config.yaml"])
+
+
+def test_alert_rules_pass_promtool():
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        assert not os.environ.get("CI"), "promtool is missing: .ci/test installs Debian's prometheus"
+        pytest.skip("promtool not installed")
+    out = subprocess.run([promtool, "check", "rules", str(ROOT / "deploy/prometheus/alerts.yaml")], capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_dashboard_is_valid_json_with_queries():
+    dashboard = json.loads((ROOT / "deploy/grafana/tollgate.json").read_text())
+    exprs = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
+    assert len(exprs) >= 10 and all("tollgate_" in e for e in exprs)
