@@ -1,0 +1,377 @@
+#!/usr/bin/env python3
+"""Whole-proxy load benchmark: direct upstream vs tollgate vs nginx vs haproxy, interleaved.
+
+    python3 benches/load/run.py              # full run (~10 min), writes benches/results/<date>-<host>.md
+    python3 benches/load/run.py --smoke      # ~1 min smoke run (CI): every step once, short
+
+Every proxy is pinned to CPU 1 with one worker (tollgate's runtime sizes itself from its CPU
+affinity; nginx `worker_processes 1`; haproxy `nbthread 1`); the upstream and the load
+generators share CPU 0. Peers are configured fairly: nginx with `keepalive`,
+`proxy_http_version 1.1`, `Connection ""` and `proxy_buffering off`; haproxy with keep-alive
+to the server; no access logs anywhere (tollgate at `log.level: warn`).
+
+Scenarios: S1 saturation (wrk, HTTP/1.1 keep-alive; h2load, h2c), S2 added latency at fixed
+load (oha, open loop with latency correction; skipped when oha is not installed), S3 added
+delay per SSE event, and proxy CPU-ms per 1,000 requests and RSS (idle / under load) from /proc.
+Needs: wrk, h2load (nghttp2-client), nginx, haproxy (Debian packages); oha (cargo install oha).
+"""
+import argparse
+import datetime
+import http.client
+import json
+import os
+import re
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
+BODY = json.dumps({"model": "bench-model", "messages": [{"role": "user", "content": "Say ok."}], "max_tokens": 1})
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_port(port, timeout=20):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"nothing listens on {port}")
+
+
+def sh(*args, **kw):
+    return subprocess.run(list(args), capture_output=True, text=True, check=True, **kw).stdout
+
+
+def version(cmd):
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True)
+        return (out.stdout + out.stderr).strip().splitlines()[0]
+    except (OSError, IndexError):
+        return "not installed"
+
+
+def family(pid):
+    """The process and its children (nginx's and haproxy's workers are children of a master)."""
+    pids = [pid]
+    for task in os.listdir(f"/proc/{pid}/task"):
+        try:
+            pids += [int(c) for c in open(f"/proc/{pid}/task/{task}/children").read().split()]
+        except OSError:
+            pass
+    return pids
+
+
+def cpu_ticks(pid):
+    total = 0
+    for p in family(pid):
+        fields = open(f"/proc/{p}/stat").read().rsplit(")", 1)[1].split()
+        total += int(fields[11]) + int(fields[12])  # utime + stime
+    return total
+
+
+def rss_kib(pid):
+    total = 0
+    for p in family(pid):
+        for line in open(f"/proc/{p}/status"):
+            if line.startswith("VmRSS:"):
+                total += int(line.split()[1])
+    return total
+
+
+class Target:
+    def __init__(self, name, h1_port, h2_port, pid, auth):
+        self.name, self.h1_port, self.h2_port, self.pid, self.auth = name, h1_port, h2_port, pid, auth
+
+    def url(self, h2=False, path="/v1/chat/completions"):
+        return f"http://127.0.0.1:{self.h2_port if h2 else self.h1_port}{path}"
+
+
+class Bench:
+    def __init__(self, args):
+        self.args = args
+        self.tmp = tempfile.mkdtemp(prefix="tollgate-load-")
+        self.procs = []
+        self.results = {}
+
+    def spawn(self, cmd, cpu, **kw):
+        p = subprocess.Popen(["taskset", "-c", str(cpu)] + cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, **kw)
+        self.procs.append(p)
+        return p
+
+    def build(self):
+        subprocess.run(["cargo", "build", "--release", "--locked", "--bin", "tollgate", "--example", "load-upstream"],
+                       cwd=ROOT, check=True)
+        self.tollgate_bin = os.path.join(ROOT, "target/release/tollgate")
+        self.upstream_bin = os.path.join(ROOT, "target/release/examples/load-upstream")
+
+    def start(self):
+        up = free_port()
+        self.spawn([self.upstream_bin, f"127.0.0.1:{up}"], 0)
+        wait_port(up)
+        self.direct = Target("direct", up, up, None, "")
+
+        tg, tg_admin = free_port(), free_port()
+        config = os.path.join(self.tmp, "tollgate.yaml")
+        with open(config, "w") as f:
+            f.write(f"""listen: 127.0.0.1:{tg}
+admin_listen: 127.0.0.1:{tg_admin}
+upstream: {{ url: "http://127.0.0.1:{up}" }}
+store: {{ sqlite: "{self.tmp}/keys.db" }}
+log: {{ format: json, level: warn }}
+tiers: {{ bench: {{ requests_per_second: 1000000000, burst: 1000000000 }} }}
+""")
+        key = sh(self.tollgate_bin, "keys", "--config", config, "create", "--org", "bench", "--tier", "bench",
+                 "--scope", "inference:read", "--scope", "inference:write").splitlines()[0]
+        p = self.spawn([self.tollgate_bin, "serve", "--config", config], 1)
+        wait_port(tg)
+        self.tollgate = Target("tollgate", tg, tg, p.pid, key)
+        self.tollgate_admin = tg_admin
+
+        n1, n2 = free_port(), free_port()
+        os.makedirs(os.path.join(self.tmp, "nginx"), exist_ok=True)
+        location = f"""location / {{ proxy_pass http://up; proxy_http_version 1.1; proxy_set_header Connection "";
+                       proxy_buffering off; proxy_request_buffering off; }}"""
+        nginx_conf = os.path.join(self.tmp, "nginx.conf")
+        with open(nginx_conf, "w") as f:
+            f.write(f"""worker_processes 1; daemon off; pid {self.tmp}/nginx.pid; error_log stderr error;
+events {{ worker_connections 4096; }}
+http {{
+  access_log off;
+  client_body_temp_path {self.tmp}/nginx/body; proxy_temp_path {self.tmp}/nginx/proxy;
+  fastcgi_temp_path {self.tmp}/nginx/fcgi; uwsgi_temp_path {self.tmp}/nginx/uwsgi; scgi_temp_path {self.tmp}/nginx/scgi;
+  keepalive_requests 1000000;
+  upstream up {{ server 127.0.0.1:{up}; keepalive 128; keepalive_requests 1000000; }}
+  server {{ listen 127.0.0.1:{n1}; {location} }}
+  server {{ listen 127.0.0.1:{n2} http2; {location} }}
+}}
+""")
+        p = self.spawn(["nginx", "-c", nginx_conf, "-p", self.tmp], 1)
+        wait_port(n1)
+        self.nginx = Target("nginx", n1, n2, p.pid, "")
+
+        h1, h2 = free_port(), free_port()
+        haproxy_cfg = os.path.join(self.tmp, "haproxy.cfg")
+        with open(haproxy_cfg, "w") as f:
+            f.write(f"""global
+  nbthread 1
+  maxconn 8192
+defaults
+  mode http
+  timeout connect 2s
+  timeout client 60s
+  timeout server 600s
+  option http-keep-alive
+  option http-no-delay
+  http-reuse always
+frontend h1
+  bind 127.0.0.1:{h1}
+  default_backend up
+frontend h2
+  bind 127.0.0.1:{h2} proto h2
+  default_backend up
+backend up
+  server up 127.0.0.1:{up}
+""")
+        p = self.spawn(["haproxy", "-f", haproxy_cfg], 1)
+        wait_port(h1)
+        self.haproxy = Target("haproxy", h1, h2, p.pid, "")
+        self.targets = [self.direct, self.tollgate, self.nginx, self.haproxy]
+        time.sleep(0.5)
+        for t in self.targets:
+            if t.pid:
+                self.results.setdefault(t.name, {})["rss_idle_kib"] = rss_kib(t.pid)
+
+    def stop(self):
+        for p in self.procs:
+            p.terminate()
+        for p in self.procs:
+            try:
+                p.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+    # -- S1 -------------------------------------------------------------------------------
+    def wrk(self, t):
+        script = os.path.join(self.tmp, "post.lua")
+        with open(script, "w") as f:
+            f.write(f'wrk.method = "POST"\nwrk.body = {json.dumps(BODY)}\n'
+                    f'wrk.headers["Content-Type"] = "application/json"\n')
+            if t.auth:
+                f.write(f'wrk.headers["Authorization"] = "Bearer {t.auth}"\n')
+        cmd = ["taskset", "-c", "0", "wrk", "-t1", "-c64", f"-d{self.args.duration}s", "-s", script, t.url()]
+        return self.measured(t, cmd, lambda out: float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1)),
+                             lambda out: int(re.search(r"(\d+) requests in", out).group(1)))
+
+    def h2load(self, t):
+        data = os.path.join(self.tmp, "body.json")
+        with open(data, "w") as f:
+            f.write(BODY)
+        cmd = ["taskset", "-c", "0", "h2load", "-c16", "-m16", "-D", str(self.args.duration), "-d", data,
+               "-H", "content-type: application/json"]
+        if t.auth:
+            cmd += ["-H", f"authorization: Bearer {t.auth}"]
+        cmd.append(t.url(h2=True))
+
+        def reqs(out):
+            m = re.search(r"requests: \d+ total, \d+ started, (\d+) done, (\d+) succeeded", out)
+            assert m and int(m.group(2)) > 0, out
+            return int(m.group(2))
+        return self.measured(t, cmd, lambda out: float(re.search(r"finished in [\d.]+\w+, ([\d.]+) req/s", out).group(1)), reqs)
+
+    def measured(self, t, cmd, rate_of, count_of):
+        ticks0 = cpu_ticks(t.pid) if t.pid else 0
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        peak = 0
+        while proc.poll() is None:
+            if t.pid:
+                peak = max(peak, rss_kib(t.pid))
+            time.sleep(0.2)
+        out = proc.stdout.read()
+        if proc.returncode != 0:
+            raise RuntimeError(f"{cmd[2]} failed for {t.name}: {out}")
+        rate, n = rate_of(out), count_of(out)
+        cpu_ms = (cpu_ticks(t.pid) - ticks0) * 1000 / os.sysconf("SC_CLK_TCK") if t.pid else 0
+        return {"rps": rate, "requests": n, "cpu_ms_per_1000": cpu_ms * 1000 / max(n, 1), "rss_peak_kib": peak}
+
+    def s1(self):
+        for protocol, run in (("http1", self.wrk), ("h2c", self.h2load)):
+            for _ in range(self.args.rounds):
+                for t in self.targets:  # interleaved: direct, tollgate, nginx, haproxy, direct, …
+                    r = run(t)
+                    self.results.setdefault(t.name, {}).setdefault(protocol, []).append(r)
+                    print(f"S1 {protocol:5} {t.name:8} {r['rps']:10.0f} req/s  cpu {r['cpu_ms_per_1000']:6.1f} ms/1k", flush=True)
+
+    # -- S2 -------------------------------------------------------------------------------
+    def s2(self):
+        oha = shutil.which("oha") or os.path.expanduser("~/.cargo/bin/oha")
+        if not os.path.exists(oha):
+            print("S2 skipped: oha is not installed (cargo install oha)")
+            return
+        saturation = statistics.median(r["rps"] for r in self.results["tollgate"]["http1"])
+        for share in (0.25, 0.5, 0.75):
+            rate = max(1, int(saturation * share))
+            for t in self.targets:
+                cmd = ["taskset", "-c", "0", oha, "-z", f"{self.args.duration}s", "-q", str(rate), "--latency-correction",
+                       "-c", "32", "--no-tui", "--output-format", "json", "-m", "POST", "-d", BODY,
+                       "-H", "content-type: application/json"]
+                if t.auth:
+                    cmd += ["-H", f"authorization: Bearer {t.auth}"]
+                out = subprocess.run(cmd + [t.url()], capture_output=True, text=True)
+                if out.returncode != 0:
+                    raise RuntimeError(f"oha failed: {out.stderr}")
+                pct = json.loads(out.stdout)["latencyPercentiles"]
+                self.results.setdefault(t.name, {}).setdefault("s2", {})[share] = {"p50": pct["p50"], "p99": pct["p99"]}
+                print(f"S2 {int(share * 100):3}% {t.name:8} p50 {pct['p50'] * 1e6:8.0f} µs  p99 {pct['p99'] * 1e6:8.0f} µs", flush=True)
+
+    # -- S3 -------------------------------------------------------------------------------
+    def s3(self):
+        events = 20 if self.args.smoke else 100
+        for t in self.targets:
+            delays = []
+            for _ in range(2 if self.args.smoke else 5):
+                conn = http.client.HTTPConnection("127.0.0.1", t.h1_port, timeout=30)
+                headers = {"x-mock": "sse", "x-mock-events": str(events), "x-mock-interval-ms": "10",
+                           "content-type": "application/json"}
+                if t.auth:
+                    headers["authorization"] = f"Bearer {t.auth}"
+                conn.request("POST", "/v1/chat/completions", body=BODY, headers=headers)
+                rsp = conn.getresponse()
+                assert rsp.status == 200, rsp.status
+                while True:
+                    line = rsp.fp.readline()
+                    if not line or line.startswith(b"data: [DONE]"):
+                        break
+                    if line.startswith(b"data: "):
+                        sent = json.loads(line[6:])["t"]
+                        delays.append((time.time_ns() - sent) / 1000)
+                conn.close()
+            delays.sort()
+            q = lambda p: delays[min(len(delays) - 1, int(p * len(delays)))]
+            self.results.setdefault(t.name, {})["s3"] = {"p50_us": q(0.5), "p99_us": q(0.99)}
+            print(f"S3 sse   {t.name:8} per-event delay p50 {q(0.5):7.0f} µs  p99 {q(0.99):7.0f} µs", flush=True)
+
+    # -- report ---------------------------------------------------------------------------
+    def report(self, command):
+        med = lambda name, proto: statistics.median(r["rps"] for r in self.results[name][proto])
+        lines = [f"# Load benchmark, {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, {socket.gethostname()}", ""]
+        lines += ["Command: `" + command + "`", ""]
+        cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "?")
+        lines += [f"- machine: {os.cpu_count()} CPUs ({cpu}), kernel {os.uname().release}",
+                  f"- tollgate {sh('git', '-C', ROOT, 'rev-parse', '--short', 'HEAD').strip()}; "
+                  f"{version(['nginx', '-v'])}; {version(['haproxy', '-v'])}; {version(['wrk', '-v'])}; "
+                  f"{version(['h2load', '--version'])}",
+                  f"- duration {self.args.duration}s per run, {self.args.rounds} interleaved round(s); proxies pinned to CPU 1, "
+                  "upstream and load generators to CPU 0", ""]
+        lines += ["## S1 saturation (median req/s) and proxy cost", "",
+                  "| target | HTTP/1.1 req/s | × nginx | h2c req/s | × nginx | CPU-ms / 1k req (h1) | RSS idle | RSS peak |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for t in self.targets:
+            r = self.results[t.name]
+            h1, h2 = med(t.name, "http1"), med(t.name, "h2c")
+            cpu_ms = statistics.median(x["cpu_ms_per_1000"] for x in r["http1"]) if t.pid else 0
+            peak = max(x["rss_peak_kib"] for x in r["http1"] + r["h2c"]) if t.pid else 0
+            lines.append(f"| {t.name} | {h1:.0f} | {h1 / med('nginx', 'http1'):.2f} | {h2:.0f} | {h2 / med('nginx', 'h2c'):.2f} | "
+                         + (f"{cpu_ms:.1f} | {r['rss_idle_kib'] / 1024:.1f} MiB | {peak / 1024:.1f} MiB |" if t.pid else "– | – | – |"))
+        if "s2" in self.results.get("direct", {}):
+            lines += ["", "## S2 added latency at fixed load (proxied − direct), open loop", "",
+                      "| load (share of tollgate's saturation) | target | added p50 | added p99 |", "|---|---|---|---|"]
+            for share, base in self.results["direct"]["s2"].items():
+                for t in self.targets[1:]:
+                    s = self.results[t.name]["s2"][share]
+                    lines.append(f"| {int(share * 100)}% | {t.name} | {(s['p50'] - base['p50']) * 1e6:.0f} µs | {(s['p99'] - base['p99']) * 1e6:.0f} µs |")
+        lines += ["", "## S3 SSE: added delay per event (proxied − direct)", "", "| target | added p50 | added p99 |", "|---|---|---|"]
+        base = self.results["direct"]["s3"]
+        for t in self.targets[1:]:
+            s = self.results[t.name]["s3"]
+            lines.append(f"| {t.name} | {s['p50_us'] - base['p50_us']:.0f} µs | {s['p99_us'] - base['p99_us']:.0f} µs |")
+        lines += ["", "Not yet measured: S4 (key scaling), S5 (auth flood), tollgate without key checks.", ""]
+        return "\n".join(lines)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--duration", type=int, default=10)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--smoke", action="store_true", help="short runs, one round, no results file")
+    ap.add_argument("--out", default=os.path.join(ROOT, "benches", "results"))
+    args = ap.parse_args()
+    if args.smoke:
+        args.duration, args.rounds = 1, 1
+    for tool in ("wrk", "h2load", "nginx", "haproxy", "taskset"):
+        if not shutil.which(tool):
+            sys.exit(f"{tool} is not installed: apt-get install wrk nghttp2-client nginx-light haproxy util-linux")
+    bench = Bench(args)
+    bench.build()
+    try:
+        bench.start()
+        bench.s1()
+        if not args.smoke:
+            bench.s2()
+        bench.s3()
+    finally:
+        bench.stop()
+    report = bench.report(" ".join(["python3", "benches/load/run.py"] + sys.argv[1:]))
+    print(report)
+    if not args.smoke:
+        os.makedirs(args.out, exist_ok=True)
+        path = os.path.join(args.out, f"{datetime.date.today()}-{socket.gethostname()}.md")
+        with open(path, "w") as f:
+            f.write(report)
+        print(f"written to {path}")
+
+
+if __name__ == "__main__":
+    main()
