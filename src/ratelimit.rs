@@ -191,19 +191,9 @@ impl<C: Clock + Clone> Limiter<C> {
             };
             (b, entity)
         } else {
-            return Err(Box::new(Rejection {
-                error: Error::RateLimited {
-                    message: format!(
-                        "This key's tier `{tier}` is not configured on this server; ask an operator."
-                    ),
-                    limit: "tier",
-                    tier: Some(tier.to_string()),
-                    retry_after: 3600,
-                    exhausted: true,
-                },
-                quota: Quota::default(),
-                limit: "tier",
-            }));
+            let message =
+                format!("This key's tier `{tier}` is not configured on this server; ask an operator.");
+            return Err(reject("tier", tier, message, 3600, Quota::default()));
         };
         let entity: Arc<str> = entity.into();
         let mut quota = Quota::default();
@@ -221,22 +211,12 @@ impl<C: Clock + Clone> Limiter<C> {
                     *used = (day, 0);
                 }
                 if used.1 >= budget {
+                    // Only the daily budget is reported: governor has no read-only look at the
+                    // per-second bucket, and asking it would consume a cell.
                     quota.daily = Some((budget, 0, until_midnight));
-                    drop(used);
-                    self.add_per_second_state(bucket, &mut quota);
-                    return Err(Box::new(Rejection {
-                        error: Error::RateLimited {
-                            message: format!(
-                                "Daily request budget of {budget} exhausted for tier `{tier}`; it resets at 00:00 UTC."
-                            ),
-                            limit: "daily_requests",
-                            tier: Some(tier.to_string()),
-                            retry_after: seconds_ceil(until_midnight),
-                            exhausted: true,
-                        },
-                        quota,
-                        limit: "daily_requests",
-                    }));
+                    let message =
+                        format!("Daily request budget of {budget} exhausted for tier `{tier}`; it resets at 00:00 UTC.");
+                    return Err(reject("daily_requests", tier, message, seconds_ceil(until_midnight), quota));
                 }
                 used.1 += 1;
                 quota.daily = Some((budget, budget - used.1, until_midnight));
@@ -264,32 +244,14 @@ impl<C: Clock + Clone> Limiter<C> {
                     }
                     let wait = not_until.wait_time_from(self.clock.now());
                     quota.per_second = Some((burst, 0, rps));
-                    return Err(Box::new(Rejection {
-                        error: Error::RateLimited {
-                            message: format!(
-                                "Rate limit of {rps} requests per second (burst {burst}) exceeded for tier `{tier}`."
-                            ),
-                            limit: "requests_per_second",
-                            tier: Some(tier.to_string()),
-                            retry_after: retry_after(wait),
-                            exhausted: false,
-                        },
-                        quota,
-                        limit: "requests_per_second",
-                    }));
+                    let message = format!(
+                        "Rate limit of {rps} requests per second (burst {burst}) exceeded for tier `{tier}`."
+                    );
+                    return Err(reject("requests_per_second", tier, message, retry_after(wait), quota));
                 }
             }
         }
         Ok(quota)
-    }
-
-    /// For a daily rejection, the per-second state is reported without consuming a cell; the
-    /// burst is shown as it was last known full (governor has no read-only peek).
-    fn add_per_second_state(&self, bucket: &Bucket<C>, quota: &mut Quota) {
-        if let Some(rps) = bucket.limits.requests_per_second {
-            let burst = bucket.limits.burst.unwrap_or(rps);
-            quota.per_second = Some((burst, burst, rps));
-        }
     }
 
     /// Forgets state that carries no information: GCRA cells that have refilled completely and
@@ -324,6 +286,25 @@ pub async fn maintain(state: Arc<crate::state::State>) {
         tokio::time::sleep(Duration::from_secs(30)).await;
         state.snapshot().limiter.forget_idle();
     }
+}
+
+/// A 429 for `limit`. Only the per-second limit clears by itself soon; the others tell SDKs
+/// not to retry (`x-should-retry: false`).
+fn reject(
+    limit: &'static str,
+    tier: &str,
+    message: String,
+    retry_after: u64,
+    quota: Quota,
+) -> Box<Rejection> {
+    let error = Error::RateLimited {
+        message,
+        limit,
+        tier: Some(tier.to_string()),
+        retry_after,
+        exhausted: limit != "requests_per_second",
+    };
+    Box::new(Rejection { error, quota, limit })
 }
 
 /// `Retry-After` in whole seconds: rounded up, at least 1, so that a retry at that moment is

@@ -10,6 +10,8 @@ use serde_json::json;
 use crate::harness::*;
 use crate::upstream::Upstream;
 
+const BAD_HEADER: &str = "Invalid Authorization header: expected exactly one `Authorization: Bearer <key>`.";
+const NOT_A_KEY: &str = "Invalid API key: it is not a well-formed key (check it for truncation or typos).";
 const INVALID: &str = "Invalid API key. Include a valid Bearer token in the Authorization header.";
 
 fn key_id(key: &str) -> &str {
@@ -30,56 +32,20 @@ async fn malformed_and_wrong_keys_get_401_and_only_a_wrong_secret_costs_argon2()
 
     let cases: Vec<(&str, Vec<Vec<u8>>, &str)> = vec![
         ("absent", vec![], "Missing API key. Send it in the Authorization header as `Bearer <key>`."),
-        (
-            "other scheme",
-            vec![format!("Basic {}", tg.key).into_bytes()],
-            "Invalid Authorization header: expected exactly one `Authorization: Bearer <key>`.",
-        ),
-        (
-            "empty",
-            vec![b"".to_vec()],
-            "Invalid Authorization header: expected exactly one `Authorization: Bearer <key>`.",
-        ),
-        (
-            "bearer only",
-            vec![b"Bearer".to_vec()],
-            "Invalid Authorization header: expected exactly one `Authorization: Bearer <key>`.",
-        ),
+        ("other scheme", vec![format!("Basic {}", tg.key).into_bytes()], BAD_HEADER),
+        ("empty", vec![b"".to_vec()], BAD_HEADER),
+        ("bearer only", vec![b"Bearer".to_vec()], BAD_HEADER),
         (
             "doubled",
             vec![format!("Bearer {}", tg.key).into_bytes(), format!("Bearer {}", tg.key).into_bytes()],
-            "Invalid Authorization header: expected exactly one `Authorization: Bearer <key>`.",
+            BAD_HEADER,
         ),
-        (
-            "double space",
-            vec![format!("Bearer  {}", tg.key).into_bytes()],
-            "Invalid Authorization header: expected exactly one `Authorization: Bearer <key>`.",
-        ),
-        (
-            "tab separator",
-            vec![format!("Bearer\t{}", tg.key).into_bytes()],
-            "Invalid Authorization header: expected exactly one `Authorization: Bearer <key>`.",
-        ),
-        (
-            "non-ascii",
-            vec![b"Bearer tg_\xc3\xa9\xc3\xa9".to_vec()],
-            "Invalid Authorization header: expected exactly one `Authorization: Bearer <key>`.",
-        ),
-        (
-            "8 KiB token",
-            vec![long8k.into_bytes()],
-            "Invalid Authorization header: expected exactly one `Authorization: Bearer <key>`.",
-        ),
-        (
-            "not a key",
-            vec![b"Bearer sk-proj-abcdef".to_vec()],
-            "Invalid API key: it is not a well-formed key (check it for truncation or typos).",
-        ),
-        (
-            "bad checksum",
-            vec![format!("Bearer {typo}").into_bytes()],
-            "Invalid API key: it is not a well-formed key (check it for truncation or typos).",
-        ),
+        ("double space", vec![format!("Bearer  {}", tg.key).into_bytes()], BAD_HEADER),
+        ("tab separator", vec![format!("Bearer\t{}", tg.key).into_bytes()], BAD_HEADER),
+        ("non-ascii", vec![b"Bearer tg_\xc3\xa9\xc3\xa9".to_vec()], BAD_HEADER),
+        ("8 KiB token", vec![long8k.into_bytes()], BAD_HEADER),
+        ("not a key", vec![b"Bearer sk-proj-abcdef".to_vec()], NOT_A_KEY),
+        ("bad checksum", vec![format!("Bearer {typo}").into_bytes()], NOT_A_KEY),
         ("unknown id", vec![format!("Bearer {unknown_id}").into_bytes()], INVALID),
         ("wrong secret", vec![format!("Bearer {wrong_secret}").into_bytes()], INVALID),
     ];
