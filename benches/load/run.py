@@ -33,6 +33,27 @@ ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 BODY = json.dumps({"model": "bench-model", "messages": [{"role": "user", "content": "Say ok."}], "max_tokens": 1})
 
 
+BASE62 = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+
+
+def base62(n, width):
+    out = ""
+    for _ in range(width):
+        n, r = divmod(n, 62)
+        out = BASE62[r] + out
+    return out
+
+
+def well_formed_key(key_id=None, prefix="tg"):
+    """A key with a valid checksum (SPEC §2): unknown id, or a wrong secret for `key_id`."""
+    import random
+    import zlib
+    rnd = random.SystemRandom()
+    key_id = key_id or "".join(rnd.choice(BASE62) for _ in range(12))
+    body = f"{prefix}_{key_id}_" + "".join(rnd.choice(BASE62) for _ in range(32))
+    return body + base62(zlib.crc32(body.encode()), 6)
+
+
 def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -303,6 +324,46 @@ backend up
             self.results.setdefault(t.name, {})["s3"] = {"p50_us": q(0.5), "p99_us": q(0.99)}
             print(f"S3 sse   {t.name:8} per-event delay p50 {q(0.5):7.0f} µs  p99 {q(0.99):7.0f} µs", flush=True)
 
+    # -- S5 -------------------------------------------------------------------------------
+    def metric(self, name):
+        body = http.client.HTTPConnection("127.0.0.1", self.tollgate_admin, timeout=5)
+        body.request("GET", "/metrics")
+        text = body.getresponse().read().decode()
+        return sum(float(l.rsplit(" ", 1)[1]) for l in text.splitlines() if l.startswith(name))
+
+    def s5(self):
+        """Auth flood: random well-formed keys and wrong secrets for a real id, at full speed,
+        while a valid key is measured at a fixed rate (open loop)."""
+        oha = shutil.which("oha") or os.path.expanduser("~/.cargo/bin/oha")
+        if not os.path.exists(oha):
+            print("S5 skipped: oha is not installed (cargo install oha)")
+            return
+        real_id = self.tollgate.auth.split("_")[1]
+        tokens = [well_formed_key() for _ in range(5000)] + [well_formed_key(real_id) for _ in range(5000)]
+        script = os.path.join(self.tmp, "flood.lua")
+        with open(script, "w") as f:
+            f.write("local tokens = {" + ",".join(f'"{t}"' for t in tokens) + "}\n")
+            f.write("request = function()\n  local t = tokens[math.random(#tokens)]\n"
+                    "  return wrk.format(\"GET\", \"/v1/models\", {[\"Authorization\"] = \"Bearer \" .. t})\nend\n")
+        rate = 1000
+        valid = ["taskset", "-c", "0", oha, "-z", f"{self.args.duration}s", "-q", str(rate), "--latency-correction",
+                 "-c", "16", "--no-tui", "--output-format", "json", "-H", f"authorization: Bearer {self.tollgate.auth}",
+                 self.tollgate.url(path="/v1/models")]
+        base = json.loads(sh(*valid))["latencyPercentiles"]
+        argon_before = self.metric("tollgate_argon2_verifications_total")
+        flood = subprocess.Popen(["taskset", "-c", "0", "wrk", "-t1", "-c64", f"-d{self.args.duration + 2}s", "-s", script,
+                                  self.tollgate.url(path="/v1/models")], stdout=subprocess.PIPE, text=True)
+        time.sleep(1)
+        under = json.loads(sh(*valid))["latencyPercentiles"]
+        peak = rss_kib(self.tollgate.pid)
+        out = flood.communicate()[0]
+        flood_rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
+        argon = self.metric("tollgate_argon2_verifications_total") - argon_before
+        self.results["s5"] = {"base_p99": base["p99"], "flood_p99": under["p99"], "flood_rps": flood_rps,
+                              "argon2": argon, "rss_kib": peak}
+        print(f"S5 flood {flood_rps:.0f} req/s of bad keys: valid p99 {base['p99'] * 1e6:.0f} -> {under['p99'] * 1e6:.0f} µs, "
+              f"argon2 verifications {argon:.0f}, RSS {peak / 1024:.1f} MiB", flush=True)
+
     # -- report ---------------------------------------------------------------------------
     def report(self, command):
         med = lambda name, proto: statistics.median(r["rps"] for r in self.results[name][proto])
@@ -337,7 +398,14 @@ backend up
         for t in self.targets[1:]:
             s = self.results[t.name]["s3"]
             lines.append(f"| {t.name} | {s['p50_us'] - base['p50_us']:.0f} µs | {s['p99_us'] - base['p99_us']:.0f} µs |")
-        lines += ["", "Not yet measured: S4 (key scaling), S5 (auth flood), tollgate without key checks.", ""]
+        if "s5" in self.results:
+            r = self.results["s5"]
+            lines += ["", "## S5 auth flood (random well-formed keys + wrong secrets for a real id)", "",
+                      "| flood req/s | valid-key p99 before | during | × | Argon2id verifications during the flood | tollgate RSS |",
+                      "|---|---|---|---|---|---|",
+                      f"| {r['flood_rps']:.0f} | {r['base_p99'] * 1e6:.0f} µs | {r['flood_p99'] * 1e6:.0f} µs | "
+                      f"{r['flood_p99'] / r['base_p99']:.2f} | {r['argon2']:.0f} | {r['rss_kib'] / 1024:.1f} MiB |"]
+        lines += ["", "Not yet measured: S4 (key scaling), tollgate without key checks.", ""]
         return "\n".join(lines)
 
 
@@ -361,6 +429,7 @@ def main():
         if not args.smoke:
             bench.s2()
         bench.s3()
+        bench.s5()
     finally:
         bench.stop()
     report = bench.report(" ".join(["python3", "benches/load/run.py"] + sys.argv[1:]))
