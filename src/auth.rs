@@ -3,7 +3,7 @@
 //! Strict header parsing → format and checksum (no I/O) → the verified-key cache, keyed by a
 //! per-process keyed BLAKE3 digest of the token (never the token itself) → on a miss, and only
 //! for one of many concurrent requests with the same token: fetch the record by id and verify
-//! with Argon2id on the blocking pool, at most `verifiers` at a time → cache the outcome,
+//! with Argon2id on the fixed verifier threads (one per core) → cache the outcome,
 //! including failures (briefly). Failed attempts are counted per source address, and a source
 //! over its budget gets 429 before any further store or Argon2 work.
 
