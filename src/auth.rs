@@ -29,8 +29,9 @@ use crate::metrics::Metrics;
 /// An authenticated caller.
 #[derive(Debug)]
 pub struct Principal {
-    pub key_id: String,
-    pub org: String,
+    /// Shared, not owned: the rate limiter keys its state by these, once per request.
+    pub key_id: Arc<str>,
+    pub org: Arc<str>,
     pub workspace: String,
     pub tier: String,
     pub scopes: Vec<String>,
@@ -53,8 +54,8 @@ impl Principal {
             ],
         };
         Principal {
-            key_id: r.id.clone(),
-            org: r.org.clone(),
+            key_id: r.id.as_str().into(),
+            org: r.org.as_str().into(),
             workspace: r.workspace.clone(),
             tier: r.tier.clone(),
             scopes: r.scopes.clone(),
@@ -303,7 +304,7 @@ impl Authenticator {
             if let Entry::Valid(p) = entry {
                 let used = p.last_used.load(Ordering::Relaxed);
                 if used > p.flushed.swap(used, Ordering::Relaxed) {
-                    out.push((p.key_id.clone(), used));
+                    out.push((p.key_id.to_string(), used));
                 }
             }
         }

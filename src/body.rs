@@ -69,11 +69,17 @@ impl StopFlag {
 pin_project! {
     /// A body passed through frame by frame, with an idle timeout between frames and an optional
     /// byte limit.
+    ///
+    /// The idle timer is armed only when the inner body has nothing to give: most bodies (a
+    /// small JSON request or response) are read without ever waiting, and then cost no timer at
+    /// all. Frames that arrive back to back only mark the timer stale; it is re-armed when the
+    /// body next waits.
     pub struct Guarded<B> {
         #[pin]
         inner: B,
         idle: Duration,
-        timer: Pin<Box<Sleep>>,
+        timer: Option<Pin<Box<Sleep>>>,
+        stale: bool,
         limit: Option<u64>,
         seen: u64,
         flag: Option<StopFlag>,
@@ -82,7 +88,7 @@ pin_project! {
 
 impl<B> Guarded<B> {
     pub fn new(inner: B, idle: Duration, limit: Option<u64>, flag: Option<StopFlag>) -> Self {
-        Guarded { inner, idle, timer: Box::pin(tokio::time::sleep(idle)), limit, seen: 0, flag }
+        Guarded { inner, idle, timer: None, stale: false, limit, seen: 0, flag }
     }
 }
 
@@ -112,13 +118,22 @@ where
                         return stop(this.flag, Stop::TooLarge);
                     }
                 }
-                this.timer.as_mut().reset(Instant::now() + *this.idle);
+                *this.stale = true;
                 Poll::Ready(Some(Ok(frame)))
             }
             Poll::Ready(Some(Err(_))) => stop(this.flag, Stop::Broken),
             Poll::Ready(None) => Poll::Ready(None),
             Poll::Pending => {
-                ready!(this.timer.as_mut().poll(cx));
+                let timer = match this.timer {
+                    Some(t) => {
+                        if std::mem::take(this.stale) {
+                            t.as_mut().reset(Instant::now() + *this.idle);
+                        }
+                        t
+                    }
+                    None => this.timer.insert(Box::pin(tokio::time::sleep(*this.idle))),
+                };
+                ready!(timer.as_mut().poll(cx));
                 stop(this.flag, Stop::Idle)
             }
         }
@@ -151,7 +166,7 @@ pub trait Finish: Send + 'static {
 
 enum Inner {
     Full(Option<Bytes>),
-    Stream(Pin<Box<Guarded<hyper::body::Incoming>>>),
+    Stream(Pin<Box<Guarded<crate::forward::UpstreamBody>>>),
 }
 
 /// The response body of every public-listener response.
@@ -170,7 +185,7 @@ impl Body {
         Body { inner: Inner::Full(None), bytes: 0, finish: None }
     }
 
-    pub fn stream(body: Guarded<hyper::body::Incoming>) -> Body {
+    pub fn stream(body: Guarded<crate::forward::UpstreamBody>) -> Body {
         Body { inner: Inner::Stream(Box::pin(body)), bytes: 0, finish: None }
     }
 

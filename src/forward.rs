@@ -5,38 +5,36 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
-use http::uri::{PathAndQuery, Scheme};
+use http::uri::PathAndQuery;
 use http::{Request, Response, Uri, Version};
 use hyper::body::Incoming;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::{TokioExecutor, TokioTimer};
 
 use crate::body::{Body, Guarded, Stop, StopFlag};
 use crate::config;
 use crate::error::Error;
+use crate::upstream::{self, Pooled, SendError};
 
-/// The pooled, keep-alive upstream client.
-pub type Client = hyper_util::client::legacy::Client<HttpConnector, Guarded<Incoming>>;
+/// The pooled, keep-alive upstream client (`upstream.rs`).
+pub type Client = upstream::Client<Guarded<Incoming>>;
 
-/// Builds the upstream client. The pool's idle timeout only works with a timer set: without
-/// `pool_timer`, idle connections are never reaped.
-pub fn client(connect_timeout: Duration) -> Client {
-    let mut conn = HttpConnector::new();
-    conn.set_connect_timeout(Some(connect_timeout));
-    conn.set_nodelay(true);
-    conn.set_keepalive(Some(Duration::from_secs(60)));
-    hyper_util::client::legacy::Client::builder(TokioExecutor::new())
-        .pool_timer(TokioTimer::new())
-        .timer(TokioTimer::new())
-        .pool_idle_timeout(Duration::from_secs(90))
-        .build(conn)
+/// An upstream response body, holding its connection until read to the end.
+pub type UpstreamBody = Pooled<Incoming, Guarded<Incoming>>;
+
+/// How long an unused upstream connection is kept open.
+const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
+
+/// Builds the upstream client for `upstream.url` (validated: `http://host:port`).
+pub fn client(up: &config::Upstream) -> Client {
+    let authority = up.url.authority().map_or("127.0.0.1:8000", |a| a.as_str());
+    let address = if up.url.port_u16().is_some() { authority.to_string() } else { format!("{authority}:80") };
+    upstream::Client::new(address, up.connect_timeout, POOL_IDLE_TIMEOUT)
 }
 
 /// Where and how requests are sent: one config generation's view of `upstream` and `limits`.
 #[derive(Debug, Clone)]
 pub struct Upstream {
-    scheme: Scheme,
-    authority: http::uri::Authority,
+    /// The upstream's authority, sent as its `Host`.
+    host: HeaderValue,
     /// `Bearer <upstream.api_key_env>`, sent in place of the client's Authorization.
     authorization: Option<HeaderValue>,
     timeout: Duration,
@@ -51,13 +49,12 @@ impl Upstream {
         authorization: Option<HeaderValue>,
     ) -> Upstream {
         Upstream {
-            scheme: up.url.scheme().cloned().unwrap_or(Scheme::HTTP),
             // Validation guarantees an authority; the fallback is the documented default.
-            authority: up
+            host: up
                 .url
                 .authority()
-                .cloned()
-                .unwrap_or_else(|| http::uri::Authority::from_static("127.0.0.1:8000")),
+                .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+                .unwrap_or(HeaderValue::from_static("127.0.0.1:8000")),
             authorization,
             timeout: up.timeout,
             idle: limits.stream_idle_timeout,
@@ -67,10 +64,21 @@ impl Upstream {
 }
 
 /// What the connection knows about the client.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct Peer {
     pub addr: SocketAddr,
     pub tls: bool,
+    /// The client's address as `x-forwarded-for` carries it, rendered once per connection
+    /// rather than once per request.
+    ip: HeaderValue,
+}
+
+impl Peer {
+    pub fn new(addr: SocketAddr, tls: bool) -> Peer {
+        let ip = HeaderValue::from_str(&addr.ip().to_canonical().to_string())
+            .unwrap_or(HeaderValue::from_static("unknown"));
+        Peer { addr, tls, ip }
+    }
 }
 
 /// Identity headers: set by tollgate, never trusted from the client.
@@ -93,7 +101,15 @@ const HOP_BY_HOP: &[&str] = &[
 /// Removes hop-by-hop headers, including every header the `Connection` header nominates.
 /// Nominated ones go first, before tollgate adds anything, so a client cannot use `Connection`
 /// to erase a header tollgate sets (§7).
-fn remove_hop_by_hop(h: &mut HeaderMap) {
+///
+/// `strip_identity` also removes every `x-tollgate-*` header (client requests: identity headers
+/// are tollgate's to set). One pass over the names finds out whether anything must go at all —
+/// the common case on every request and response, where a lookup per name would cost more.
+fn remove_hop_by_hop(h: &mut HeaderMap, strip_identity: bool) {
+    let is_identity = |k: &HeaderName| strip_identity && k.as_str().starts_with(IDENTITY_PREFIX);
+    if !h.keys().any(|k| HOP_BY_HOP.contains(&k.as_str()) || is_identity(k)) {
+        return;
+    }
     let nominated: Vec<HeaderName> = h
         .get_all(header::CONNECTION)
         .iter()
@@ -107,19 +123,30 @@ fn remove_hop_by_hop(h: &mut HeaderMap) {
     for name in HOP_BY_HOP {
         h.remove(*name);
     }
+    if strip_identity {
+        let forged: Vec<HeaderName> = h.keys().filter(|k| is_identity(k)).cloned().collect();
+        for k in forged {
+            h.remove(k);
+        }
+    }
 }
 
 /// The request id of a request: the client's if it is sane, otherwise a fresh one.
 pub fn request_id(headers: &HeaderMap) -> HeaderValue {
-    if let Some(v) = headers.get("x-request-id") {
+    if let Some(v) = headers.get(X_REQUEST_ID) {
         let ok = !v.is_empty() && v.len() <= 128 && v.as_bytes().iter().all(|b| b.is_ascii_graphic());
         if ok {
             return v.clone();
         }
     }
-    let id = format!("{:016x}{:016x}", fastrand::u64(..), fastrand::u64(..));
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut id = [0u8; 32];
+    let bits = fastrand::u128(..);
+    for (i, b) in id.iter_mut().enumerate() {
+        *b = HEX[usize::from(((bits >> (4 * i)) & 0xf) as u8)];
+    }
     // 32 hex digits are always a valid header value.
-    HeaderValue::from_str(&id).unwrap_or(HeaderValue::from_static("0"))
+    HeaderValue::from_bytes(&id).unwrap_or(HeaderValue::from_static("0"))
 }
 
 /// Identity of the authenticated caller, sent upstream as `x-tollgate-*` headers.
@@ -133,7 +160,7 @@ pub struct Identity {
 pub fn prepare(
     up: &Upstream,
     req: Request<Incoming>,
-    peer: Peer,
+    peer: &Peer,
     request_id: &HeaderValue,
     identity: &Identity,
 ) -> Result<(Request<Guarded<Incoming>>, StopFlag), Error> {
@@ -150,39 +177,28 @@ pub fn prepare(
         .or_else(|| parts.uri.authority().and_then(|a| HeaderValue::from_str(a.as_str()).ok()));
 
     let h = &mut parts.headers;
-    remove_hop_by_hop(h);
-    // The upstream's Host is its own authority (set by the client from the URI), as nginx does by
-    // default; the client's is kept in x-forwarded-host.
-    h.remove(header::HOST);
+    remove_hop_by_hop(h, true);
+    // The upstream's Host is its own authority, as nginx does by default; the client's is kept
+    // in x-forwarded-host.
+    h.insert(header::HOST, up.host.clone());
     h.remove(header::AUTHORIZATION);
-    let forged: Vec<HeaderName> =
-        h.keys().filter(|k| k.as_str().starts_with(IDENTITY_PREFIX)).cloned().collect();
-    for k in forged {
-        h.remove(k);
-    }
+    h.reserve(identity.headers.len() + 6);
     for (k, v) in &identity.headers {
         h.insert(k.clone(), v.clone());
     }
     if let Some(auth) = &up.authorization {
         h.insert(header::AUTHORIZATION, auth.clone());
     }
-    append_forwarded_for(h, peer.addr);
-    h.insert(
-        HeaderName::from_static("x-forwarded-proto"),
-        HeaderValue::from_static(if peer.tls { "https" } else { "http" }),
-    );
+    append_forwarded_for(h, peer);
+    h.insert(X_FORWARDED_PROTO, HeaderValue::from_static(if peer.tls { "https" } else { "http" }));
     if let Some(host) = original_host {
-        h.insert(HeaderName::from_static("x-forwarded-host"), host);
+        h.insert(X_FORWARDED_HOST, host);
     }
-    h.insert(HeaderName::from_static("x-request-id"), request_id.clone());
+    h.insert(X_REQUEST_ID, request_id.clone());
 
+    // Origin form on the upstream wire: `/path?query`.
     let pq = parts.uri.path_and_query().cloned().unwrap_or_else(|| PathAndQuery::from_static("/"));
-    parts.uri = Uri::builder()
-        .scheme(up.scheme.clone())
-        .authority(up.authority.clone())
-        .path_and_query(pq)
-        .build()
-        .map_err(|_| Error::BadRequest("Invalid request target.".into()))?;
+    parts.uri = Uri::from(pq);
     // The upstream leg is HTTP/1.1 whatever the client spoke.
     parts.version = Version::HTTP_11;
 
@@ -195,16 +211,27 @@ fn content_length(h: &HeaderMap) -> Option<u64> {
     h.get(header::CONTENT_LENGTH)?.to_str().ok()?.trim().parse().ok()
 }
 
-fn append_forwarded_for(h: &mut HeaderMap, addr: SocketAddr) {
-    let ip = addr.ip().to_canonical().to_string();
-    let value = match h.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
-        Some(prev) if !prev.trim().is_empty() => format!("{prev}, {ip}"),
-        _ => ip,
+fn append_forwarded_for(h: &mut HeaderMap, peer: &Peer) {
+    let value = match h.get(X_FORWARDED_FOR) {
+        Some(prev) if !prev.as_bytes().trim_ascii().is_empty() => {
+            let mut v = Vec::with_capacity(prev.len() + 2 + peer.ip.len());
+            v.extend_from_slice(prev.as_bytes());
+            v.extend_from_slice(b", ");
+            v.extend_from_slice(peer.ip.as_bytes());
+            match HeaderValue::from_bytes(&v) {
+                Ok(v) => v,
+                Err(_) => return,
+            }
+        }
+        _ => peer.ip.clone(),
     };
-    if let Ok(v) = HeaderValue::from_str(&value) {
-        h.insert(HeaderName::from_static("x-forwarded-for"), v);
-    }
+    h.insert(X_FORWARDED_FOR, value);
 }
+
+const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+pub const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
 /// Upstream failures, recorded as `tollgate_upstream_errors_total{kind}`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -247,16 +274,22 @@ pub async fn send(
         Ok(Err(e)) => {
             return Err(match flag.get() {
                 Some(Stop::TooLarge) => (Error::PayloadTooLarge { limit: up.max_body_bytes }, None),
-                _ if e.is_connect() => {
-                    (Error::UpstreamUnavailable { kind: "connect" }, Some(Failure::Connect))
-                }
-                _ => (Error::UpstreamUnavailable { kind: "reset" }, Some(Failure::Reset)),
+                _ => match e {
+                    SendError::Connect(reason) => {
+                        tracing::debug!(%reason, "cannot connect to the upstream");
+                        (Error::UpstreamUnavailable { kind: "connect" }, Some(Failure::Connect))
+                    }
+                    SendError::Failed(e) => {
+                        tracing::debug!(error = %e, "upstream request failed");
+                        (Error::UpstreamUnavailable { kind: "reset" }, Some(Failure::Reset))
+                    }
+                },
             })
         }
         Ok(Ok(rsp)) => rsp,
     };
     let (mut parts, body) = rsp.into_parts();
-    remove_hop_by_hop(&mut parts.headers);
+    remove_hop_by_hop(&mut parts.headers, false);
     // hyper writes the response's version on the HTTP/1 wire: an HTTP/1.0 upstream must not
     // downgrade the client's connection (HTTP/2 clients ignore it).
     parts.version = Version::HTTP_11;
@@ -276,7 +309,7 @@ mod tests {
         h.insert("x-secret", "1".parse().unwrap());
         h.insert("keep-alive", "timeout=5".parse().unwrap());
         h.insert("x-kept", "1".parse().unwrap());
-        remove_hop_by_hop(&mut h);
+        remove_hop_by_hop(&mut h, false);
         assert!(h.get("x-secret").is_none());
         assert!(h.get("keep-alive").is_none());
         assert!(h.get(header::CONNECTION).is_none());
@@ -286,9 +319,9 @@ mod tests {
     #[test]
     fn forwarded_for_appends() {
         let mut h = HeaderMap::new();
-        append_forwarded_for(&mut h, "10.0.0.1:5".parse().unwrap());
+        append_forwarded_for(&mut h, &Peer::new("10.0.0.1:5".parse().unwrap(), false));
         assert_eq!(h["x-forwarded-for"], "10.0.0.1");
-        append_forwarded_for(&mut h, "[::ffff:10.0.0.2]:5".parse().unwrap());
+        append_forwarded_for(&mut h, &Peer::new("[::ffff:10.0.0.2]:5".parse().unwrap(), false));
         assert_eq!(h["x-forwarded-for"], "10.0.0.1, 10.0.0.2");
     }
 

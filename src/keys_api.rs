@@ -70,8 +70,8 @@ pub async fn handle(
     req: Request<Incoming>,
 ) -> Result<Response<Body>, Error> {
     let store = state.auth.store().as_ref();
-    let org = Some(caller.org.as_str());
-    let actor = caller.key_id.as_str();
+    let org = Some(&*caller.org);
+    let actor = &*caller.key_id;
     let method = req.method().clone();
     let path = req.uri().path().to_string();
     let rest = path.strip_prefix("/v1/keys").unwrap_or_default();
@@ -145,7 +145,7 @@ fn create_spec(snap: &Snapshot, caller: &Principal, body: CreateBody) -> Result<
         ));
     }
     Ok(NewKeySpec {
-        org: caller.org.clone(),
+        org: caller.org.to_string(),
         tier: caller.tier.clone(),
         scopes,
         name: body.name,

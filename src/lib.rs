@@ -11,7 +11,7 @@
 //!             (key-management API, served here)    keys_api.rs, manage.rs
 //!             route table ─► scope check           scope.rs
 //!             rate limit                           ratelimit.rs
-//!             forward, streaming both ways         forward.rs, body.rs
+//!             forward, streaming both ways         forward.rs, body.rs, upstream.rs
 //!        ─► response; metrics + access log         metrics.rs
 //! every failure → one JSON error body              error.rs
 //! ```
@@ -39,6 +39,7 @@ pub mod state;
 pub mod store;
 pub mod target;
 pub mod tls;
+pub mod upstream;
 
 use std::future::Future;
 use std::path::PathBuf;

@@ -109,7 +109,7 @@ async fn accept_public(
         let limits = state.snapshot().config.limits.clone();
         match &tls {
             None => {
-                let peer = Peer { addr, tls: false };
+                let peer = Peer::new(addr, false);
                 tokio::spawn(server::serve_public(tcp, peer, proxy, limits, watcher));
             }
             Some(acceptor) => {
@@ -118,7 +118,7 @@ async fn accept_public(
                     // The handshake gets the same budget as request headers (slowloris).
                     match tokio::time::timeout(limits.header_read_timeout, acceptor.accept(tcp)).await {
                         Ok(Ok(io)) => {
-                            let peer = Peer { addr, tls: true };
+                            let peer = Peer::new(addr, true);
                             server::serve_public(io, peer, proxy, limits, watcher).await;
                         }
                         Ok(Err(e)) => tracing::debug!(peer = %addr, error = %e, "TLS handshake failed"),

@@ -12,7 +12,7 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use http::{HeaderMap, HeaderName, HeaderValue, Request, Response};
+use http::{HeaderMap, HeaderValue, Request, Response};
 use hyper::body::Incoming;
 
 use crate::body::{Body, End, Finish, Stop};
@@ -42,19 +42,19 @@ impl Proxy {
         let request_id = forward::request_id(req.headers());
         let method = method_label(req.method());
         let path = redact_keys(req.uri().path(), &snap.config.auth.key_prefix);
-        let route = snap.routes.find(req.method(), &path).cloned();
+        let route = snap.routes.find(req.method(), &path);
+        let label = route.map(|r| r.label.clone());
         self.state.metrics.inflight.inc();
 
         let mut quota = None;
-        let (mut rsp, code) =
-            match self.pipeline(&snap, req, peer, &request_id, route.as_ref(), &mut quota).await {
-                Ok(rsp) => (rsp, "ok"),
-                Err(e) => {
-                    let code = e.code();
-                    (e.into_response(), code)
-                }
-            };
-        rsp.headers_mut().insert(HeaderName::from_static("x-request-id"), request_id.clone());
+        let (mut rsp, code) = match self.pipeline(&snap, req, &peer, &request_id, route, &mut quota).await {
+            Ok(rsp) => (rsp, "ok"),
+            Err(e) => {
+                let code = e.code();
+                (e.into_response(), code)
+            }
+        };
+        rsp.headers_mut().insert(forward::X_REQUEST_ID, request_id.clone());
         if let Some(q) = quota {
             q.write_headers(rsp.headers_mut());
         }
@@ -62,13 +62,13 @@ impl Proxy {
         rsp.body_mut().on_finish(Box::new(Record {
             state: self.state.clone(),
             started,
-            route: route.map(|r| r.label),
+            route: label,
             method,
             path,
             status,
             code,
             request_id,
-            peer,
+            peer: peer.addr.ip(),
         }));
         rsp
     }
@@ -77,7 +77,7 @@ impl Proxy {
         &self,
         snap: &Snapshot,
         req: Request<Incoming>,
-        peer: Peer,
+        peer: &Peer,
         request_id: &HeaderValue,
         route: Option<&Route>,
         quota: &mut Option<Quota>,
@@ -94,7 +94,7 @@ impl Proxy {
             path: req.uri().path().to_string(),
         })?;
         route.check(principal.scopes())?;
-        match snap.limiter.check(&principal.key_id, &principal.org, &principal.tier) {
+        match snap.limiter.check_shared(&principal.key_id, &principal.org, &principal.tier) {
             Ok(q) => *quota = Some(q),
             Err(r) => {
                 self.state.metrics.rate_limited.with_label_values(&[&principal.tier, r.limit]).inc();
@@ -157,7 +157,7 @@ struct Record {
     status: u16,
     code: &'static str,
     request_id: HeaderValue,
-    peer: Peer,
+    peer: std::net::IpAddr,
 }
 
 impl Finish for Record {
@@ -192,7 +192,7 @@ impl Finish for Record {
             bytes,
             end,
             request_id = self.request_id.to_str().unwrap_or("-"),
-            peer = %self.peer.addr.ip(),
+            peer = %self.peer,
         );
     }
 }

@@ -7,11 +7,11 @@
 //! arithmetic is tested exactly. Sits after the scope check in the pipeline.
 
 use std::collections::HashMap;
-use std::fmt::Write as _;
 use std::num::NonZeroU32;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use bytes::BytesMut;
 use dashmap::DashMap;
 use governor::clock::{Clock, DefaultClock};
 use governor::middleware::StateInformationMiddleware;
@@ -66,64 +66,99 @@ fn seconds_ceil(ms: i64) -> u64 {
 }
 
 /// OpenAI's reset format: `20ms`, `1s`, `6m0s`, `13h5m2s`.
-fn openai_duration(ms: i64) -> String {
+fn put_openai_duration(buf: &mut BytesMut, ms: i64) {
+    let mut n = itoa::Buffer::new();
     if ms < 1000 {
-        return format!("{}ms", ms.max(0));
+        buf.extend_from_slice(n.format(ms.max(0)).as_bytes());
+        buf.extend_from_slice(b"ms");
+        return;
     }
     let s = (ms + 999) / 1000;
     let (h, m, s) = (s / 3600, s / 60 % 60, s % 60);
-    let mut out = String::new();
     if h > 0 {
-        let _ = write!(out, "{h}h");
+        buf.extend_from_slice(n.format(h).as_bytes());
+        buf.extend_from_slice(b"h");
     }
     if h > 0 || m > 0 {
-        let _ = write!(out, "{m}m");
+        buf.extend_from_slice(n.format(m).as_bytes());
+        buf.extend_from_slice(b"m");
     }
-    let _ = write!(out, "{s}s");
-    out
+    buf.extend_from_slice(n.format(s).as_bytes());
+    buf.extend_from_slice(b"s");
 }
+
+const LIMIT_REQUESTS: HeaderName = HeaderName::from_static("x-ratelimit-limit-requests");
+const REMAINING_REQUESTS: HeaderName = HeaderName::from_static("x-ratelimit-remaining-requests");
+const RESET_REQUESTS: HeaderName = HeaderName::from_static("x-ratelimit-reset-requests");
+const RATELIMIT_POLICY: HeaderName = HeaderName::from_static("ratelimit-policy");
+const RATELIMIT: HeaderName = HeaderName::from_static("ratelimit");
 
 impl Quota {
     /// Writes `x-ratelimit-*` (OpenAI's names, for the budget that runs out last: the daily one
     /// when there is one) and the IETF `RateLimit-Policy` / `RateLimit` fields for every limit.
+    ///
+    /// Runs on every answered request: all values are written into one buffer and split off it,
+    /// so the five headers cost one allocation and no formatting machinery.
     pub fn write_headers(&self, h: &mut HeaderMap) {
-        let mut policy = Vec::new();
-        let mut state = Vec::new();
-        if let Some((burst, remaining, rps)) = self.per_second {
-            // A full bucket of `burst` refills in burst/rps seconds: q/w states both the burst and
-            // the sustained rate.
-            let window = burst.div_ceil(rps.max(1));
-            let refill_ms = i64::from(burst - remaining.min(burst)) * 1000 / i64::from(rps.max(1));
-            policy.push(format!("\"requests_per_second\";q={burst};w={window}"));
-            state.push(format!("\"requests_per_second\";r={remaining};t={}", (refill_ms + 999) / 1000));
-        }
-        if let Some((budget, remaining, reset_ms)) = self.daily {
-            policy.push(format!("\"daily_requests\";q={budget};w=86400"));
-            state.push(format!("\"daily_requests\";r={remaining};t={}", seconds_ceil(reset_ms)));
-        }
         let openai = match (self.daily, self.per_second) {
-            (Some((budget, remaining, reset_ms)), _) => Some((budget, remaining, reset_ms)),
+            (Some((budget, remaining, reset_ms)), _) => (budget, remaining, reset_ms),
             (None, Some((burst, remaining, rps))) => {
-                let refill_ms = i64::from(burst - remaining.min(burst)) * 1000 / i64::from(rps.max(1));
-                Some((u64::from(burst), u64::from(remaining), refill_ms))
+                (u64::from(burst), u64::from(remaining), refill_ms(burst, remaining, rps))
             }
-            (None, None) => None,
+            (None, None) => return,
         };
-        let set = |h: &mut HeaderMap, name: &'static str, v: String| {
-            if let Ok(v) = HeaderValue::from_str(&v) {
-                h.insert(HeaderName::from_static(name), v);
+        let mut buf = BytesMut::with_capacity(256);
+        let mut n = itoa::Buffer::new();
+        let mut put = |buf: &mut BytesMut, name: HeaderName| {
+            // Digits, letters and `";=, ` only: always a valid header value.
+            if let Ok(v) = HeaderValue::from_maybe_shared(buf.split().freeze()) {
+                h.insert(name, v);
             }
         };
-        if let Some((limit, remaining, reset_ms)) = openai {
-            set(h, "x-ratelimit-limit-requests", limit.to_string());
-            set(h, "x-ratelimit-remaining-requests", remaining.to_string());
-            set(h, "x-ratelimit-reset-requests", openai_duration(reset_ms));
+        let (limit, remaining, reset_ms) = openai;
+        buf.extend_from_slice(n.format(limit).as_bytes());
+        put(&mut buf, LIMIT_REQUESTS);
+        buf.extend_from_slice(n.format(remaining).as_bytes());
+        put(&mut buf, REMAINING_REQUESTS);
+        put_openai_duration(&mut buf, reset_ms);
+        put(&mut buf, RESET_REQUESTS);
+
+        // A full bucket of `burst` refills in burst/rps seconds: q/w states both the burst and
+        // the sustained rate.
+        let mut field = |buf: &mut BytesMut, name: &str, values: [u64; 2], keys: [&[u8]; 2]| {
+            if !buf.is_empty() {
+                buf.extend_from_slice(b", ");
+            }
+            buf.extend_from_slice(b"\"");
+            buf.extend_from_slice(name.as_bytes());
+            buf.extend_from_slice(b"\"");
+            for (k, v) in keys.iter().zip(values) {
+                buf.extend_from_slice(k);
+                buf.extend_from_slice(n.format(v).as_bytes());
+            }
+        };
+        if let Some((burst, _, rps)) = self.per_second {
+            let window = burst.div_ceil(rps.max(1));
+            field(&mut buf, "requests_per_second", [burst.into(), window.into()], [b";q=", b";w="]);
         }
-        if !policy.is_empty() {
-            set(h, "ratelimit-policy", policy.join(", "));
-            set(h, "ratelimit", state.join(", "));
+        if let Some((budget, _, _)) = self.daily {
+            field(&mut buf, "daily_requests", [budget, 86400], [b";q=", b";w="]);
         }
+        put(&mut buf, RATELIMIT_POLICY);
+        if let Some((burst, remaining, rps)) = self.per_second {
+            let refill = u64::try_from((refill_ms(burst, remaining, rps) + 999) / 1000).unwrap_or(0);
+            field(&mut buf, "requests_per_second", [remaining.into(), refill], [b";r=", b";t="]);
+        }
+        if let Some((_, remaining, reset_ms)) = self.daily {
+            field(&mut buf, "daily_requests", [remaining, seconds_ceil(reset_ms)], [b";r=", b";t="]);
+        }
+        put(&mut buf, RATELIMIT);
     }
+}
+
+/// Milliseconds until a bucket of `burst` with `remaining` cells left is full again.
+fn refill_ms(burst: u32, remaining: u32, rps: u32) -> i64 {
+    i64::from(burst - remaining.min(burst)) * 1000 / i64::from(rps.max(1))
 }
 
 /// A refused request: the 429 and the headers that go with it.
@@ -156,8 +191,11 @@ impl<C: Clock + Clone> Limiter<C> {
     /// Builds the limiter of a config generation. Buckets whose limits are unchanged are taken
     /// over from `previous` with their state; changed or new ones start full.
     pub fn new(config: &Config, previous: Option<&Limiter<C>>, clock: C, wall: Wall) -> Limiter<C> {
+        // State is keyed by the bare organisation name or key id (a bucket holds one kind of
+        // entity), so it is only taken over while `per` stays the same.
+        let same_per = previous.is_some_and(|p| p.per == config.rate_limits.per);
         let build = |limits: &Tier, old: Option<&Arc<Bucket<C>>>| match old {
-            Some(b) if b.limits == *limits => b.clone(),
+            Some(b) if b.limits == *limits && same_per => b.clone(),
             _ => Arc::new(Bucket::new(*limits, &clock)),
         };
         let map = |src: &std::collections::BTreeMap<String, Tier>,
@@ -179,15 +217,26 @@ impl<C: Clock + Clone> Limiter<C> {
 
     /// Decides one request of key `key_id` of organisation `org` in tier `tier`.
     pub fn check(&self, key_id: &str, org: &str, tier: &str) -> Result<Quota, Box<Rejection>> {
+        self.check_shared(&key_id.into(), &org.into(), tier)
+    }
+
+    /// `check` for callers that hold the names shared already (the request path: a verified
+    /// key's principal), so that a decision allocates nothing.
+    pub fn check_shared(
+        &self,
+        key_id: &Arc<str>,
+        org: &Arc<str>,
+        tier: &str,
+    ) -> Result<Quota, Box<Rejection>> {
         // Overrides are negotiated per key or per organisation; their state is their own.
-        let (bucket, entity) = if let Some(b) = self.keys.get(key_id) {
-            (b, format!("key:{key_id}"))
-        } else if let Some(b) = self.orgs.get(org) {
-            (b, format!("org:{org}"))
+        let (bucket, entity) = if let Some(b) = self.keys.get(&**key_id) {
+            (b, key_id)
+        } else if let Some(b) = self.orgs.get(&**org) {
+            (b, org)
         } else if let Some(b) = self.tiers.get(tier) {
             let entity = match self.per {
-                LimitPer::Org => format!("org:{org}"),
-                LimitPer::Key => format!("key:{key_id}"),
+                LimitPer::Org => org,
+                LimitPer::Key => key_id,
             };
             (b, entity)
         } else {
@@ -195,7 +244,6 @@ impl<C: Clock + Clone> Limiter<C> {
                 format!("This key's tier `{tier}` is not configured on this server; ask an operator.");
             return Err(reject("tier", tier, message, 3600, Quota::default()));
         };
-        let entity: Arc<str> = entity.into();
         let mut quota = Quota::default();
         let now_ms = (self.wall)();
         let day = now_ms.div_euclid(DAY_MS);
@@ -227,12 +275,12 @@ impl<C: Clock + Clone> Limiter<C> {
         // 2. The per-second GCRA.
         if let (Some(gcra), Some(rps)) = (&bucket.gcra, bucket.limits.requests_per_second) {
             let burst = bucket.limits.burst.unwrap_or(rps);
-            match gcra.check_key(&entity) {
+            match gcra.check_key(entity) {
                 Ok(snapshot) => quota.per_second = Some((burst, snapshot.remaining_burst_capacity(), rps)),
                 Err(not_until) => {
                     // A refused request consumes nothing: give the daily reservation back.
                     if reserved {
-                        if let Some(slot) = bucket.daily.get(&entity) {
+                        if let Some(slot) = bucket.daily.get(entity) {
                             let mut used = slot.lock().unwrap_or_else(|e| e.into_inner());
                             if used.0 == day {
                                 used.1 = used.1.saturating_sub(1);

@@ -55,9 +55,11 @@ where
 {
     let seen_request = Arc::new(AtomicBool::new(false));
     let seen = seen_request.clone();
+    let addr = peer.addr;
     let service = service_fn(move |req: Request<Incoming>| {
         seen.store(true, Ordering::Relaxed);
         let proxy = proxy.clone();
+        let peer = peer.clone();
         async move { Ok::<_, Infallible>(proxy.handle(req, peer).await) }
     });
     let builder = builder(&limits);
@@ -69,11 +71,11 @@ where
     tokio::select! {
         res = &mut conn => {
             if let Err(e) = res {
-                tracing::debug!(peer = %peer.addr, error = %e, "connection ended with an error");
+                tracing::debug!(peer = %addr, error = %e, "connection ended with an error");
             }
         }
         _ = &mut first_request_deadline, if !seen_request.load(Ordering::Relaxed) => {
-            tracing::debug!(peer = %peer.addr, "no request within header_read_timeout; closing");
+            tracing::debug!(peer = %addr, "no request within header_read_timeout; closing");
         }
     }
 }

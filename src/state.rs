@@ -29,7 +29,7 @@ pub struct Snapshot {
 
 impl Snapshot {
     /// Derives everything a request needs from a validated config. The upstream client (and so
-    /// its pool of warm connections) is kept from `previous` unless its own settings changed.
+    /// its pool of warm connections) is kept from `previous` unless the upstream changed.
     pub fn build(config: Config, previous: Option<&Snapshot>) -> Result<Snapshot, ConfigError> {
         let authorization = match &config.upstream.api_key_env {
             None => None,
@@ -48,10 +48,13 @@ impl Snapshot {
             }
         };
         let client = match previous {
-            Some(p) if p.config.upstream.connect_timeout == config.upstream.connect_timeout => {
+            Some(p)
+                if p.config.upstream.connect_timeout == config.upstream.connect_timeout
+                    && p.config.upstream.url == config.upstream.url =>
+            {
                 p.client.clone()
             }
-            _ => forward::client(config.upstream.connect_timeout),
+            _ => forward::client(&config.upstream),
         };
         Ok(Snapshot {
             limiter: Arc::new(Limiter::from_config(&config, previous.map(|p| p.limiter.as_ref()))),

@@ -263,6 +263,13 @@ fn headers_carry_both_limits() {
     assert_eq!(h["x-ratelimit-limit-requests"], "200");
     assert_eq!(h["x-ratelimit-remaining-requests"], "199");
     assert_eq!(h["x-ratelimit-reset-requests"], "20ms");
+    let openai_duration = |ms| {
+        let mut buf = bytes::BytesMut::new();
+        put_openai_duration(&mut buf, ms);
+        String::from_utf8(buf.to_vec()).unwrap()
+    };
     assert_eq!(openai_duration(360_000), "6m0s");
     assert_eq!(openai_duration(1_500), "2s");
+    assert_eq!(openai_duration(47_102_000), "13h5m2s");
+    assert_eq!(openai_duration(20), "20ms");
 }
