@@ -12,7 +12,8 @@ to the server; no access logs anywhere (tollgate at `log.level: warn`).
 
 Scenarios: S1 saturation (wrk, HTTP/1.1 keep-alive; h2load, h2c), S2 added latency at fixed
 load (oha, open loop with latency correction; skipped when oha is not installed), S3 added
-delay per SSE event, and proxy CPU-ms per 1,000 requests and RSS (idle / under load) from /proc.
+delay per SSE event, S4 key scaling (1 / 10,000 / 1,000,000 stored keys, up to 100,000 hot),
+S5 auth flood, and proxy CPU-ms per 1,000 requests and RSS (idle / under load) from /proc.
 Needs: wrk, h2load (nghttp2-client), nginx, haproxy (Debian packages); oha (cargo install oha).
 """
 import argparse
@@ -324,9 +325,92 @@ backend up
             self.results.setdefault(t.name, {})["s3"] = {"p50_us": q(0.5), "p99_us": q(0.99)}
             print(f"S3 sse   {t.name:8} per-event delay p50 {q(0.5):7.0f} µs  p99 {q(0.99):7.0f} µs", flush=True)
 
+    # -- S4 -------------------------------------------------------------------------------
+    def s4(self):
+        """Key scaling: 1, 10,000 and 1,000,000 keys in the store, up to 100,000 of them hot.
+
+        Each size gets its own tollgate (pinned like the others) and SQLite file. The keys are
+        clones of one key created by the CLI, under new ids: they share its secret, so one cheap
+        Argon2id hash (m=8 KiB, t=1 — hashing cost is S5's subject, not this one's) serves them
+        all, yet each is a distinct token with its own cache entry."""
+        import sqlite3
+        import zlib
+        sizes = (1, 1000, 20000) if self.args.smoke else (1, 10_000, 1_000_000)
+        hot_max = 2000 if self.args.smoke else 100_000
+        for n in sizes:
+            tmp = os.path.join(self.tmp, f"s4-{n}")
+            os.makedirs(tmp)
+            port, admin = free_port(), free_port()
+            config = os.path.join(tmp, "tollgate.yaml")
+            with open(config, "w") as f:
+                f.write(f"""listen: 127.0.0.1:{port}
+admin_listen: 127.0.0.1:{admin}
+upstream: {{ url: "http://127.0.0.1:{self.direct.h1_port}" }}
+store: {{ sqlite: "{tmp}/keys.db" }}
+log: {{ format: json, level: warn }}
+auth: {{ argon2: {{ memory_kib: 8, iterations: 1, parallelism: 1 }}, cache_capacity: {hot_max} }}
+tiers: {{ bench: {{ requests_per_second: 1000000000, burst: 1000000000 }} }}
+""")
+            key = sh(self.tollgate_bin, "keys", "--config", config, "create", "--org", "bench", "--tier", "bench",
+                     "--scope", "inference:read", "--scope", "inference:write").splitlines()[0]
+            prefix, real_id, rest = key.split("_", 2)
+            secret = rest[:-6]
+            tokens = [key]
+            db = sqlite3.connect(os.path.join(tmp, "keys.db"))
+            cols = [r[1] for r in db.execute("PRAGMA table_info(keys)")]
+            copy = ", ".join("?" if c == "id" else c for c in cols)
+            ids = []
+            for i in range(1, n):
+                kid = "S4" + base62(i, 10)
+                ids.append((kid, real_id))
+                if len(tokens) < hot_max:
+                    body = f"{prefix}_{kid}_{secret}"
+                    tokens.append(body + base62(zlib.crc32(body.encode()), 6))
+            with db:
+                db.executemany(f"INSERT INTO keys ({', '.join(cols)}) SELECT {copy} FROM keys WHERE id = ?", ids)
+                # Old changes: the revocation poll of a fresh tollgate must not see them as new
+                # and invalidate the warm cache.
+                db.execute("UPDATE keys SET updated_at = 0")
+            stored = db.execute("SELECT count(*) FROM keys").fetchone()[0]
+            db.close()
+            proc = self.spawn([self.tollgate_bin, "serve", "--config", config], 1)
+            wait_port(port)
+            time.sleep(0.5)
+            idle = rss_kib(proc.pid)
+            script = os.path.join(tmp, "keys.lua")
+            with open(script, "w") as f:
+                f.write("local tokens = {" + ",".join(f'"{t}"' for t in tokens) + "}\n")
+                f.write("local i = 0\n")
+                f.write(f'wrk.method = "POST"\nwrk.body = {json.dumps(BODY)}\n'
+                        'wrk.headers["Content-Type"] = "application/json"\n')
+                f.write("request = function()\n  i = i % #tokens + 1\n"
+                        "  wrk.headers[\"Authorization\"] = \"Bearer \" .. tokens[i]\n  return wrk.format()\nend\n")
+            url = f"http://127.0.0.1:{port}/v1/chat/completions"
+            target = Target(f"tollgate, {n} keys", port, port, proc.pid, "")
+            # Warm-up: every hot key once (a cache miss, a store read and one Argon2id each).
+            warm = ["taskset", "-c", "0", "wrk", "-t1", "-c64", f"-d{max(3, len(tokens) // 4000 + 3)}s", "-s", script, url]
+            sh(*warm)
+            verified = self.metric("tollgate_argon2_verifications_total", admin)
+            warm_rss = rss_kib(proc.pid)
+            cmd = ["taskset", "-c", "0", "wrk", "-t1", "-c64", f"-d{self.args.duration}s", "-s", script, url]
+            r = self.measured(target, cmd, lambda out: float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1)),
+                              lambda out: int(re.search(r"(\d+) requests in", out).group(1)))
+            proc.terminate()
+            proc.wait(timeout=30)
+            # Per cached key: growth beyond the one-key run's (connections, buffers, runtime).
+            base = self.results["s4"][0]["rss_warm_kib"] if self.results.get("s4") else warm_rss
+            per_key = (warm_rss - base) * 1024 / max(len(tokens) - 1, 1)
+            self.results.setdefault("s4", []).append({
+                "keys": stored, "hot": len(tokens), "verified": verified, "rps": r["rps"],
+                "cpu_ms_per_1000": r["cpu_ms_per_1000"], "rss_idle_kib": idle, "rss_warm_kib": warm_rss,
+                "rss_peak_kib": max(r["rss_peak_kib"], warm_rss), "bytes_per_key": per_key})
+            print(f"S4 {stored:8} keys, {len(tokens):6} hot ({verified:.0f} verified): {r['rps']:8.0f} req/s, "
+                  f"RSS idle {idle / 1024:.1f} MiB, warm {warm_rss / 1024:.1f} MiB, {per_key:.0f} B per cached key",
+                  flush=True)
+
     # -- S5 -------------------------------------------------------------------------------
-    def metric(self, name):
-        body = http.client.HTTPConnection("127.0.0.1", self.tollgate_admin, timeout=5)
+    def metric(self, name, admin=None):
+        body = http.client.HTTPConnection("127.0.0.1", admin or self.tollgate_admin, timeout=5)
         body.request("GET", "/metrics")
         text = body.getresponse().read().decode()
         return sum(float(l.rsplit(" ", 1)[1]) for l in text.splitlines() if l.startswith(name))
@@ -405,7 +489,14 @@ backend up
                       "|---|---|---|---|---|---|",
                       f"| {r['flood_rps']:.0f} | {r['base_p99'] * 1e6:.0f} µs | {r['flood_p99'] * 1e6:.0f} µs | "
                       f"{r['flood_p99'] / r['base_p99']:.2f} | {r['argon2']:.0f} | {r['rss_kib'] / 1024:.1f} MiB |"]
-        lines += ["", "Not yet measured: S4 (key scaling), tollgate without key checks.", ""]
+        if "s4" in self.results:
+            lines += ["", "## S4 key scaling (keys in the store, hot keys cycled by wrk, HTTP/1.1)", "",
+                      "| keys stored | hot keys | Argon2id verifications (warm-up) | req/s | CPU-ms / 1k req | RSS idle | RSS warm | bytes per cached key (over the 1-key run) |",
+                      "|---|---|---|---|---|---|---|---|"]
+            for r in self.results["s4"]:
+                lines.append(f"| {r['keys']} | {r['hot']} | {r['verified']:.0f} | {r['rps']:.0f} | {r['cpu_ms_per_1000']:.1f} | "
+                             f"{r['rss_idle_kib'] / 1024:.1f} MiB | {r['rss_warm_kib'] / 1024:.1f} MiB | {r['bytes_per_key']:.0f} |")
+        lines.append("")
         return "\n".join(lines)
 
 
@@ -429,6 +520,7 @@ def main():
         if not args.smoke:
             bench.s2()
         bench.s3()
+        bench.s4()
         bench.s5()
     finally:
         bench.stop()
