@@ -162,6 +162,7 @@ pub fn prepare(
     req: Request<Incoming>,
     peer: &Peer,
     request_id: &HeaderValue,
+    key_id: &str,
     identity: &Identity,
 ) -> Result<(Request<Guarded<Incoming>>, StopFlag), Error> {
     let (mut parts, body) = req.into_parts();
@@ -182,7 +183,11 @@ pub fn prepare(
     // in x-forwarded-host.
     h.insert(header::HOST, up.host.clone());
     h.remove(header::AUTHORIZATION);
-    h.reserve(identity.headers.len() + 6);
+    h.reserve(identity.headers.len() + 7);
+    // Built per request rather than kept per cached key: ids are short, cached keys many.
+    if let Ok(v) = HeaderValue::from_str(key_id) {
+        h.insert(X_TOLLGATE_KEY_ID, v);
+    }
     for (k, v) in &identity.headers {
         h.insert(k.clone(), v.clone());
     }
@@ -228,6 +233,7 @@ fn append_forwarded_for(h: &mut HeaderMap, peer: &Peer) {
     h.insert(X_FORWARDED_FOR, value);
 }
 
+const X_TOLLGATE_KEY_ID: HeaderName = HeaderName::from_static("x-tollgate-key-id");
 const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");

@@ -107,7 +107,7 @@ impl Proxy {
         }
 
         let (upstream_req, flag) =
-            forward::prepare(&snap.upstream, req, peer, request_id, &principal.identity)?;
+            forward::prepare(&snap.upstream, req, peer, request_id, &principal.key_id, &principal.identity)?;
         let sent = forward::send(&snap.client, &snap.upstream, upstream_req, flag).await.map_err(
             |(e, failure)| {
                 if let Some(f) = failure {
