@@ -204,7 +204,10 @@ impl Authenticator {
     pub fn new(store: Arc<dyn KeyStore>, cfg: &config::Auth) -> Result<Authenticator, String> {
         let mut digest_key = [0u8; 32];
         getrandom::fill(&mut digest_key).map_err(|e| format!("the OS random generator failed: {e}"))?;
-        let capacity = usize::try_from(cfg.cache_capacity).unwrap_or(usize::MAX).max(1);
+        // quick_cache's capacity is approximate (per shard); the headroom makes `cache_capacity`
+        // keys fit, so a hot set of exactly that size does not churn through Argon2id.
+        let capacity =
+            usize::try_from(cfg.cache_capacity + cfg.cache_capacity / 16).unwrap_or(usize::MAX).max(1);
         let cache = quick_cache::sync::Cache::new(capacity);
         // Argon2id is memory-hard and CPU-bound: more verifiers than cores only adds latency.
         let cores = std::thread::available_parallelism().map_or(2, |n| n.get());

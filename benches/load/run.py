@@ -460,10 +460,12 @@ tiers: {{ bench: {{ requests_per_second: 1000000000, burst: 1000000000 }} }}
                   f"{version(['h2load', '--version'])}",
                   f"- duration {self.args.duration}s per run, {self.args.rounds} interleaved round(s); proxies pinned to CPU 1, "
                   "upstream and load generators to CPU 0", ""]
-        lines += ["## S1 saturation (median req/s) and proxy cost", "",
-                  "| target | HTTP/1.1 req/s | × nginx | h2c req/s | × nginx | CPU-ms / 1k req (h1) | RSS idle | RSS peak |",
-                  "|---|---|---|---|---|---|---|---|"]
-        for t in self.targets:
+        s1 = "http1" in self.results.get("direct", {})
+        if s1:
+            lines += ["## S1 saturation (median req/s) and proxy cost", "",
+                      "| target | HTTP/1.1 req/s | × nginx | h2c req/s | × nginx | CPU-ms / 1k req (h1) | RSS idle | RSS peak |",
+                      "|---|---|---|---|---|---|---|---|"]
+        for t in self.targets if s1 else []:
             r = self.results[t.name]
             h1, h2 = med(t.name, "http1"), med(t.name, "h2c")
             cpu_ms = statistics.median(x["cpu_ms_per_1000"] for x in r["http1"]) if t.pid else 0
@@ -477,9 +479,11 @@ tiers: {{ bench: {{ requests_per_second: 1000000000, burst: 1000000000 }} }}
                 for t in self.targets[1:]:
                     s = self.results[t.name]["s2"][share]
                     lines.append(f"| {int(share * 100)}% | {t.name} | {(s['p50'] - base['p50']) * 1e6:.0f} µs | {(s['p99'] - base['p99']) * 1e6:.0f} µs |")
-        lines += ["", "## S3 SSE: added delay per event (proxied − direct)", "", "| target | added p50 | added p99 |", "|---|---|---|"]
-        base = self.results["direct"]["s3"]
-        for t in self.targets[1:]:
+        s3 = "s3" in self.results.get("direct", {})
+        if s3:
+            lines += ["", "## S3 SSE: added delay per event (proxied − direct)", "", "| target | added p50 | added p99 |", "|---|---|---|"]
+            base = self.results["direct"]["s3"]
+        for t in self.targets[1:] if s3 else []:
             s = self.results[t.name]["s3"]
             lines.append(f"| {t.name} | {s['p50_us'] - base['p50_us']:.0f} µs | {s['p99_us'] - base['p99_us']:.0f} µs |")
         if "s5" in self.results:
@@ -506,6 +510,8 @@ def main():
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--smoke", action="store_true", help="short runs, one round, no results file")
     ap.add_argument("--out", default=os.path.join(ROOT, "benches", "results"))
+    ap.add_argument("--only", default="s1,s2,s3,s4,s5",
+                    help="comma-separated scenarios to run (a partial run writes no results file)")
     args = ap.parse_args()
     if args.smoke:
         args.duration, args.rounds = 1, 1
@@ -516,17 +522,15 @@ def main():
     bench.build()
     try:
         bench.start()
-        bench.s1()
-        if not args.smoke:
-            bench.s2()
-        bench.s3()
-        bench.s4()
-        bench.s5()
+        only = set(args.only.split(","))
+        for name in ("s1", "s2", "s3", "s4", "s5"):
+            if name in only and not (name == "s2" and args.smoke):
+                getattr(bench, name)()
     finally:
         bench.stop()
     report = bench.report(" ".join(["python3", "benches/load/run.py"] + sys.argv[1:]))
     print(report)
-    if not args.smoke:
+    if not args.smoke and only == {"s1", "s2", "s3", "s4", "s5"}:
         os.makedirs(args.out, exist_ok=True)
         path = os.path.join(args.out, f"{datetime.date.today()}-{socket.gethostname()}.md")
         with open(path, "w") as f:
