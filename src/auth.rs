@@ -245,23 +245,27 @@ impl Authenticator {
             reason.error()
         };
         let token = bearer(headers).map_err(fail)?;
-        let parsed = keys::parse(&cfg.key_prefix, token).map_err(|m| {
-            fail(match m {
-                keys::Malformed::Shape => Reason::Format,
-                keys::Malformed::Checksum => Reason::Checksum,
-            })
-        })?;
         let digest = *blake3::keyed_hash(&self.digest_key, token.as_bytes()).as_bytes();
         let now = clock::now_ms();
 
+        // Only tokens that passed the format and checksum checks are ever cached, so a hit needs
+        // no second look — except at the prefix, which a reload may change.
         let clock_ms = self.clock_ms();
-        let cached = self.cache.get(&digest).filter(|c| c.expires_ms > clock_ms);
+        let prefixed = token.strip_prefix(cfg.key_prefix.as_str()).is_some_and(|rest| rest.starts_with('_'));
+        let cached =
+            if prefixed { self.cache.get(&digest).filter(|c| c.expires_ms > clock_ms) } else { None };
         let entry = match cached {
             Some(c) => {
                 metrics.auth_cache_hits.inc();
                 c.entry
             }
             None => {
+                let parsed = keys::parse(&cfg.key_prefix, token).map_err(|m| {
+                    fail(match m {
+                        keys::Malformed::Shape => Reason::Format,
+                        keys::Malformed::Checksum => Reason::Checksum,
+                    })
+                })?;
                 metrics.auth_cache_misses.inc();
                 if let Some(until) = self.blocked.get(&source).await {
                     let wait = until.saturating_duration_since(Instant::now());

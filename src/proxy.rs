@@ -54,6 +54,8 @@ impl Proxy {
                 (e.into_response(), code)
             }
         };
+        // x-request-id and up to five rate-limit headers: one growth of the map, not several.
+        rsp.headers_mut().reserve(6);
         rsp.headers_mut().insert(forward::X_REQUEST_ID, request_id.clone());
         if let Some(q) = quota {
             q.write_headers(rsp.headers_mut());
