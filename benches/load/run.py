@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Whole-proxy load benchmark: direct upstream vs tollgate vs nginx vs haproxy, interleaved.
 
-    python3 benches/load/run.py              # full run (~10 min), writes benches/results/<date>-<host>.md
+    python3 benches/load/run.py              # full run (~22 min), writes benches/results/<date>-<host>.md
     python3 benches/load/run.py --smoke      # ~1 min smoke run (CI): every step once, short
 
 Every proxy is pinned to CPU 1 with one worker (tollgate's runtime sizes itself from its CPU
@@ -13,7 +13,8 @@ to the server; no access logs anywhere (tollgate at `log.level: warn`).
 Scenarios: S1 saturation (wrk, HTTP/1.1 keep-alive; h2load, h2c), S2 added latency at fixed
 load (oha, open loop with latency correction; skipped when oha is not installed), S3 added
 delay per SSE event, S4 key scaling (1 / 10,000 / 1,000,000 stored keys, up to 100,000 hot),
-S5 auth flood, and proxy CPU-ms per 1,000 requests and RSS (idle / under load) from /proc.
+S5 auth flood, S6 a soak at saturation (RSS over --soak seconds, 10 minutes by default), and
+proxy CPU-ms per 1,000 requests and RSS (idle / under load) from /proc.
 Needs: wrk, h2load (nghttp2-client), nginx, haproxy (Debian packages); oha (cargo install oha).
 """
 import argparse
@@ -448,6 +449,32 @@ tiers: {{ bench: {{ requests_per_second: 1000000000, burst: 1000000000 }} }}
         print(f"S5 flood {flood_rps:.0f} req/s of bad keys: valid p99 {base['p99'] * 1e6:.0f} -> {under['p99'] * 1e6:.0f} µs, "
               f"argon2 verifications {argon:.0f}, RSS {peak / 1024:.1f} MiB", flush=True)
 
+    # -- S6 -------------------------------------------------------------------------------
+    def s6(self):
+        """Soak: tollgate at saturation (wrk, HTTP/1.1) for --soak seconds, RSS sampled every 10 s —
+        the memory goal is RSS flat over a 10-minute run."""
+        t = self.tollgate
+        script = os.path.join(self.tmp, "soak.lua")
+        with open(script, "w") as f:
+            f.write(f'wrk.method = "POST"\nwrk.body = {json.dumps(BODY)}\n'
+                    f'wrk.headers["Content-Type"] = "application/json"\n'
+                    f'wrk.headers["Authorization"] = "Bearer {t.auth}"\n')
+        proc = subprocess.Popen(["taskset", "-c", "0", "wrk", "-t1", "-c64", f"-d{self.args.soak}s", "-s", script, t.url()],
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        samples, started = [], time.time()
+        while proc.poll() is None:
+            samples.append((time.time() - started, rss_kib(t.pid)))
+            time.sleep(min(10, max(1, self.args.soak / 10)))
+        out = proc.stdout.read()
+        n = int(re.search(r"(\d+) requests in", out).group(1))
+        # The first minute warms allocator arenas and pools; flatness is judged after it.
+        settled = [r for at, r in samples if at >= min(60, self.args.soak / 2)] or [samples[-1][1]]
+        self.results["s6"] = {"seconds": self.args.soak, "requests": n, "first": samples[0][1], "settled_min": min(settled),
+                              "settled_max": max(settled), "last": samples[-1][1]}
+        print(f"S6 soak {self.args.soak}s, {n} requests: RSS {samples[0][1] / 1024:.1f} MiB at start, "
+              f"{min(settled) / 1024:.1f}–{max(settled) / 1024:.1f} MiB after the first minute, "
+              f"{samples[-1][1] / 1024:.1f} MiB at the end", flush=True)
+
     # -- report ---------------------------------------------------------------------------
     def report(self, command):
         med = lambda name, proto: statistics.median(r["rps"] for r in self.results[name][proto])
@@ -500,6 +527,12 @@ tiers: {{ bench: {{ requests_per_second: 1000000000, burst: 1000000000 }} }}
             for r in self.results["s4"]:
                 lines.append(f"| {r['keys']} | {r['hot']} | {r['verified']:.0f} | {r['rps']:.0f} | {r['cpu_ms_per_1000']:.1f} | "
                              f"{r['rss_idle_kib'] / 1024:.1f} MiB | {r['rss_warm_kib'] / 1024:.1f} MiB | {r['bytes_per_key']:.0f} |")
+        if "s6" in self.results:
+            r = self.results["s6"]
+            lines += ["", f"## S6 soak: {r['seconds']} s at saturation (HTTP/1.1), tollgate RSS", "",
+                      "| requests | RSS at start | RSS min / max after the first minute | RSS at the end |", "|---|---|---|---|",
+                      f"| {r['requests']} | {r['first'] / 1024:.1f} MiB | {r['settled_min'] / 1024:.1f} / {r['settled_max'] / 1024:.1f} MiB | "
+                      f"{r['last'] / 1024:.1f} MiB |"]
         lines.append("")
         return "\n".join(lines)
 
@@ -510,11 +543,12 @@ def main():
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--smoke", action="store_true", help="short runs, one round, no results file")
     ap.add_argument("--out", default=os.path.join(ROOT, "benches", "results"))
-    ap.add_argument("--only", default="s1,s2,s3,s4,s5",
+    ap.add_argument("--soak", type=int, default=600, help="seconds of the S6 soak run (smoke: 3)")
+    ap.add_argument("--only", default="s1,s2,s3,s4,s5,s6",
                     help="comma-separated scenarios to run (a partial run writes no results file)")
     args = ap.parse_args()
     if args.smoke:
-        args.duration, args.rounds = 1, 1
+        args.duration, args.rounds, args.soak = 1, 1, 3
     for tool in ("wrk", "h2load", "nginx", "haproxy", "taskset"):
         if not shutil.which(tool):
             sys.exit(f"{tool} is not installed: apt-get install wrk nghttp2-client nginx-light haproxy util-linux")
@@ -523,14 +557,14 @@ def main():
     try:
         bench.start()
         only = set(args.only.split(","))
-        for name in ("s1", "s2", "s3", "s4", "s5"):
+        for name in ("s1", "s2", "s3", "s4", "s5", "s6"):
             if name in only and not (name == "s2" and args.smoke):
                 getattr(bench, name)()
     finally:
         bench.stop()
     report = bench.report(" ".join(["python3", "benches/load/run.py"] + sys.argv[1:]))
     print(report)
-    if not args.smoke and only == {"s1", "s2", "s3", "s4", "s5"}:
+    if not args.smoke and only == {"s1", "s2", "s3", "s4", "s5", "s6"}:
         os.makedirs(args.out, exist_ok=True)
         path = os.path.join(args.out, f"{datetime.date.today()}-{socket.gethostname()}.md")
         with open(path, "w") as f:
