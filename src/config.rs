@@ -301,7 +301,8 @@ pub struct RouteRule {
     /// `None` matches any method.
     pub method: Option<http::Method>,
     pub path: String,
-    pub scope: String,
+    /// The scope a key needs; `None` for a public route (`public: true`), which needs no key.
+    pub scope: Option<String>,
 }
 
 impl Default for Config {
@@ -715,7 +716,9 @@ impl Validator {
                                 rules.push(rule);
                             }
                         }
-                        Err(e) => self.problem(&base, format!("expected `{{ method, path, scope }}`: {e}")),
+                        Err(e) => {
+                            self.problem(&base, format!("expected `{{ method, path, scope | public }}`: {e}"))
+                        }
                     }
                 }
                 if rules.is_empty() && self.problems.iter().all(|p| !p.path.starts_with("routes")) {
@@ -748,10 +751,29 @@ impl Validator {
         if let Err(e) = check_pattern(&r.path) {
             self.problem(&format!("{base}.path"), e);
         }
-        if r.scope.trim().is_empty() {
-            self.problem(&format!("{base}.scope"), "must not be empty");
-        }
-        (self.problems.len() == before).then_some(RouteRule { method, path: r.path, scope: r.scope })
+        let scope = match (r.scope, r.public) {
+            (Some(s), false) if s.trim().is_empty() => {
+                self.problem(&format!("{base}.scope"), "must not be empty");
+                None
+            }
+            (Some(s), false) => Some(s),
+            (None, true) => None,
+            (Some(_), true) => {
+                self.problem(
+                    &format!("{base}.public"),
+                    "a public route needs no key, so it takes no `scope`",
+                );
+                None
+            }
+            (None, false) => {
+                self.problem(
+                    &format!("{base}.scope"),
+                    "required (or `public: true` for a route that needs no key)",
+                );
+                None
+            }
+        };
+        (self.problems.len() == before).then_some(RouteRule { method, path: r.path, scope })
     }
 }
 
@@ -760,7 +782,9 @@ impl Validator {
 struct RawRoute {
     method: Option<String>,
     path: String,
-    scope: String,
+    scope: Option<String>,
+    #[serde(default)]
+    public: bool,
 }
 
 /// A route pattern is an absolute path, optionally ending in `/*` (one or more further segments).
@@ -934,6 +958,19 @@ log: { format: xml }
         assert_eq!(rules[1].method, None);
         let e = Config::from_yaml("routes:\n  - { path: \"/v1/*/x\", scope: r }\n", "t").unwrap_err();
         assert_eq!(e.problems[0].path, "routes[0].path");
+
+        // Public routes: `public: true` instead of a scope, never both, never neither.
+        let c =
+            Config::from_yaml("routes:\n  - { method: GET, path: /health, public: true }\n", "t").unwrap();
+        let RouteSpec::List(rules) = c.routes else { panic!("expected a list") };
+        assert_eq!(rules[0].scope, None);
+        let e = Config::from_yaml(
+            "routes:\n  - { path: /a, scope: r, public: true }\n  - { path: /b }\n  - { path: /c, public: false }\n",
+            "t",
+        )
+        .unwrap_err();
+        let paths: Vec<&str> = e.problems.iter().map(|p| p.path.as_str()).collect();
+        assert_eq!(paths, ["routes[0].public", "routes[1].scope", "routes[2].scope"]);
     }
 
     #[test]

@@ -155,6 +155,13 @@ pub struct Identity {
     pub headers: Vec<(HeaderName, HeaderValue)>,
 }
 
+/// The authenticated caller of a request, as the upstream learns it.
+#[derive(Debug, Clone, Copy)]
+pub struct Caller<'a> {
+    pub key_id: &'a str,
+    pub identity: &'a Identity,
+}
+
 /// Rewrites a client request into the upstream request: same method, path and body; cleaned
 /// headers; the upstream's authority.
 pub fn prepare(
@@ -162,8 +169,7 @@ pub fn prepare(
     req: Request<Incoming>,
     peer: &Peer,
     request_id: &HeaderValue,
-    key_id: &str,
-    identity: &Identity,
+    caller: Option<Caller<'_>>,
 ) -> Result<(Request<Guarded<Incoming>>, StopFlag), Error> {
     let (mut parts, body) = req.into_parts();
     if let Some(len) = content_length(&parts.headers) {
@@ -183,13 +189,15 @@ pub fn prepare(
     // in x-forwarded-host.
     h.insert(header::HOST, up.host.clone());
     h.remove(header::AUTHORIZATION);
-    h.reserve(identity.headers.len() + 7);
-    // Built per request rather than kept per cached key: ids are short, cached keys many.
-    if let Ok(v) = HeaderValue::from_str(key_id) {
-        h.insert(X_TOLLGATE_KEY_ID, v);
-    }
-    for (k, v) in &identity.headers {
-        h.insert(k.clone(), v.clone());
+    if let Some(caller) = caller {
+        h.reserve(caller.identity.headers.len() + 7);
+        // Built per request rather than kept per cached key: ids are short, cached keys many.
+        if let Ok(v) = HeaderValue::from_str(caller.key_id) {
+            h.insert(X_TOLLGATE_KEY_ID, v);
+        }
+        for (k, v) in &caller.identity.headers {
+            h.insert(k.clone(), v.clone());
+        }
     }
     if let Some(auth) = &up.authorization {
         h.insert(header::AUTHORIZATION, auth.clone());

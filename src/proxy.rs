@@ -88,6 +88,12 @@ impl Proxy {
         check_target(req.uri(), req.version(), req.headers())?;
         check_header_size(req.headers(), snap.config.limits.max_header_bytes)?;
 
+        if let Some(route) = route.filter(|r| r.public) {
+            // A public route (config `public: true`): no key, no scope, no limits — and nothing
+            // about a caller goes upstream (the client's Authorization and x-tollgate-* never do).
+            return self.forward(snap, req, peer, request_id, route, None).await;
+        }
+
         let auth = &snap.config.auth;
         let principal =
             self.state.auth.authenticate(auth, req.headers(), peer.addr.ip(), &self.state.metrics).await?;
@@ -107,9 +113,21 @@ impl Proxy {
         if route.handler == Handler::Keys {
             return keys_api::handle(&self.state, snap, &principal, req).await;
         }
+        let caller = forward::Caller { key_id: &principal.key_id, identity: &principal.identity };
+        self.forward(snap, req, peer, request_id, route, Some(caller)).await
+    }
 
-        let (upstream_req, flag) =
-            forward::prepare(&snap.upstream, req, peer, request_id, &principal.key_id, &principal.identity)?;
+    /// The last step: the upstream's streaming response, or why there is none.
+    async fn forward(
+        &self,
+        snap: &Snapshot,
+        req: Request<Incoming>,
+        peer: &Peer,
+        request_id: &HeaderValue,
+        route: &Route,
+        caller: Option<forward::Caller<'_>>,
+    ) -> Result<Response<Body>, Error> {
+        let (upstream_req, flag) = forward::prepare(&snap.upstream, req, peer, request_id, caller)?;
         let sent = forward::send(&snap.client, &snap.upstream, upstream_req, flag).await.map_err(
             |(e, failure)| {
                 if let Some(f) = failure {

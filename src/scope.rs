@@ -56,11 +56,20 @@ pub struct Route {
     /// The pattern as written: the `route` metric label and the access-log field.
     pub label: Arc<str>,
     pub handler: Handler,
+    /// A public route (`public: true` in config): no key, no scope, no rate limit.
+    pub public: bool,
 }
 
 impl Route {
     fn new(method: Option<Method>, path: &str, scope: &str, handler: Handler) -> Route {
-        Route { method, pattern: Pattern::parse(path), scope: scope.into(), label: path.into(), handler }
+        Route {
+            method,
+            pattern: Pattern::parse(path),
+            scope: scope.into(),
+            label: path.into(),
+            handler,
+            public: false,
+        }
     }
 
     /// Passes when the key's scope set contains this route's scope, exactly.
@@ -110,7 +119,10 @@ impl RouteTable {
             }
             RouteSpec::List(rules) => {
                 for RouteRule { method, path, scope } in rules {
-                    routes.push(Route::new(method.clone(), path, scope, Handler::Upstream));
+                    let mut route =
+                        Route::new(method.clone(), path, scope.as_deref().unwrap_or(""), Handler::Upstream);
+                    route.public = scope.is_none();
+                    routes.push(route);
                 }
             }
         }

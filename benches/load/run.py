@@ -162,6 +162,18 @@ tiers: {{ bench: {{ requests_per_second: 1000000000, burst: 1000000000 }} }}
         self.tollgate = Target("tollgate", tg, tg, p.pid, key)
         self.tollgate_admin = tg_admin
 
+        # The same tollgate with the benchmarked route public (`public: true`): no key check, no
+        # limits, no rate-limit headers — what tollgate's own features cost (S1 only).
+        nk, nk_admin = free_port(), free_port()
+        nk_config = os.path.join(self.tmp, "tollgate-nokey.yaml")
+        with open(nk_config, "w") as f:
+            f.write(open(config).read().replace(f"127.0.0.1:{tg}", f"127.0.0.1:{nk}")
+                    .replace(f"127.0.0.1:{tg_admin}", f"127.0.0.1:{nk_admin}")
+                    + "routes:\n  - { method: POST, path: /v1/chat/completions, public: true }\n")
+        p = self.spawn([self.tollgate_bin, "serve", "--config", nk_config], 1)
+        wait_port(nk)
+        self.tollgate_nokey = Target("tollgate (no key check)", nk, nk, p.pid, "")
+
         n1, n2 = free_port(), free_port()
         os.makedirs(os.path.join(self.tmp, "nginx"), exist_ok=True)
         location = f"""location / {{ proxy_pass http://up; proxy_http_version 1.1; proxy_set_header Connection "";
@@ -211,8 +223,9 @@ backend up
         wait_port(h1)
         self.haproxy = Target("haproxy", h1, h2, p.pid, "")
         self.targets = [self.direct, self.tollgate, self.nginx, self.haproxy]
+        self.s1_targets = [self.direct, self.tollgate, self.tollgate_nokey, self.nginx, self.haproxy]
         time.sleep(0.5)
-        for t in self.targets:
+        for t in self.s1_targets:
             if t.pid:
                 self.results.setdefault(t.name, {})["rss_idle_kib"] = rss_kib(t.pid)
 
@@ -272,7 +285,7 @@ backend up
     def s1(self):
         for protocol, run in (("http1", self.wrk), ("h2c", self.h2load)):
             for _ in range(self.args.rounds):
-                for t in self.targets:  # interleaved: direct, tollgate, nginx, haproxy, direct, …
+                for t in self.s1_targets:  # interleaved: direct, tollgate, nginx, haproxy, direct, …
                     r = run(t)
                     self.results.setdefault(t.name, {}).setdefault(protocol, []).append(r)
                     print(f"S1 {protocol:5} {t.name:8} {r['rps']:10.0f} req/s  cpu {r['cpu_ms_per_1000']:6.1f} ms/1k", flush=True)
@@ -492,7 +505,7 @@ tiers: {{ bench: {{ requests_per_second: 1000000000, burst: 1000000000 }} }}
             lines += ["## S1 saturation (median req/s) and proxy cost", "",
                       "| target | HTTP/1.1 req/s | × nginx | h2c req/s | × nginx | CPU-ms / 1k req (h1) | RSS idle | RSS peak |",
                       "|---|---|---|---|---|---|---|---|"]
-        for t in self.targets if s1 else []:
+        for t in self.s1_targets if s1 else []:
             r = self.results[t.name]
             h1, h2 = med(t.name, "http1"), med(t.name, "h2c")
             cpu_ms = statistics.median(x["cpu_ms_per_1000"] for x in r["http1"]) if t.pid else 0
@@ -506,6 +519,10 @@ tiers: {{ bench: {{ requests_per_second: 1000000000, burst: 1000000000 }} }}
                 for t in self.targets[1:]:
                     s = self.results[t.name]["s2"][share]
                     lines.append(f"| {int(share * 100)}% | {t.name} | {(s['p50'] - base['p50']) * 1e6:.0f} µs | {(s['p99'] - base['p99']) * 1e6:.0f} µs |")
+        if s1:
+            own = lambda proto: med("tollgate", proto) / med("tollgate (no key check)", proto)
+            lines += ["", f"tollgate with key check, limits and their headers ÷ tollgate without (public route): "
+                      f"{own('http1'):.2f} (HTTP/1.1), {own('h2c'):.2f} (h2c)."]
         s3 = "s3" in self.results.get("direct", {})
         if s3:
             lines += ["", "## S3 SSE: added delay per event (proxied − direct)", "", "| target | added p50 | added p99 |", "|---|---|---|"]

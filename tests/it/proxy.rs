@@ -302,3 +302,36 @@ async fn access_log_has_one_json_line_per_request_without_secrets() {
     assert!(!logs.contains(&tg.key), "a key reached the logs");
     assert!(!logs.contains(tg.key.rsplit('_').next().unwrap()), "a secret reached the logs");
 }
+
+#[tokio::test]
+async fn public_routes_need_no_key_and_carry_no_identity() {
+    let up = Upstream::start().await;
+    let routes = "\n  - { method: GET, path: /health, public: true }\n  - { method: GET, path: /v1/models, scope: inference:read }";
+    let tg = Tollgate::builder(&up.url()).section("routes", routes).start();
+
+    // No key at all; a forged identity and a client Authorization go nowhere.
+    let req = get(&tg.url("/health"))
+        .header("authorization", "Bearer not-a-key")
+        .header("x-tollgate-org", "forged-org")
+        .body(Full::default())
+        .unwrap();
+    let (rsp, _) = send_json(&h1(), req).await;
+    assert_eq!(rsp.status(), 200);
+    assert!(rsp.headers().get("x-ratelimit-limit-requests").is_none(), "no limits apply, none are announced");
+    assert!(rsp.headers().get("x-request-id").is_some());
+    let seen = up.requests().pop().expect("upstream saw the request");
+    assert_eq!(seen.path, "/health");
+    for gone in
+        ["authorization", "x-tollgate-org", "x-tollgate-key-id", "x-tollgate-tier", "x-tollgate-scopes"]
+    {
+        assert!(seen.headers.get(gone).is_none(), "{gone} reached the upstream");
+    }
+
+    // Only that route is public: the others still need a key, and the method must match.
+    let (rsp, body) = send_json(&h1(), get(&tg.url("/v1/models")).body(Full::default()).unwrap()).await;
+    assert_error(&rsp, &body, 401, "unauthorized");
+    let req = Request::post(tg.url("/health")).body(Full::default()).unwrap();
+    let (rsp, _) = send_json(&h1(), req).await;
+    assert_eq!(rsp.status(), 401);
+    assert_eq!(up.requests().len(), 1, "nothing else reached the upstream");
+}
