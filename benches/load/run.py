@@ -121,6 +121,18 @@ class Target:
         return f"http://127.0.0.1:{self.h2_port if h2 else self.h1_port}{path}"
 
 
+def write_config(path, port, admin, upstream_port, store_dir, extra=""):
+    """A tollgate config for the benchmark: a tier that never limits, logs at warn only."""
+    with open(path, "w") as f:
+        f.write(f"""listen: 127.0.0.1:{port}
+admin_listen: 127.0.0.1:{admin}
+upstream: {{ url: "http://127.0.0.1:{upstream_port}" }}
+store: {{ sqlite: "{store_dir}/keys.db" }}
+log: {{ format: json, level: warn }}
+tiers: {{ bench: {{ requests_per_second: 1000000000, burst: 1000000000 }} }}
+""" + extra)
+
+
 class Bench:
     def __init__(self, args):
         self.args = args
@@ -139,6 +151,10 @@ class Bench:
         self.tollgate_bin = os.path.join(ROOT, "target/release/tollgate")
         self.upstream_bin = os.path.join(ROOT, "target/release/examples/load-upstream")
 
+    def create_key(self, config):
+        return sh(self.tollgate_bin, "keys", "--config", config, "create", "--org", "bench", "--tier", "bench",
+                  "--scope", "inference:read", "--scope", "inference:write").splitlines()[0]
+
     def start(self):
         up = free_port()
         self.spawn([self.upstream_bin, f"127.0.0.1:{up}"], 0)
@@ -147,16 +163,8 @@ class Bench:
 
         tg, tg_admin = free_port(), free_port()
         config = os.path.join(self.tmp, "tollgate.yaml")
-        with open(config, "w") as f:
-            f.write(f"""listen: 127.0.0.1:{tg}
-admin_listen: 127.0.0.1:{tg_admin}
-upstream: {{ url: "http://127.0.0.1:{up}" }}
-store: {{ sqlite: "{self.tmp}/keys.db" }}
-log: {{ format: json, level: warn }}
-tiers: {{ bench: {{ requests_per_second: 1000000000, burst: 1000000000 }} }}
-""")
-        key = sh(self.tollgate_bin, "keys", "--config", config, "create", "--org", "bench", "--tier", "bench",
-                 "--scope", "inference:read", "--scope", "inference:write").splitlines()[0]
+        write_config(config, tg, tg_admin, up, self.tmp)
+        key = self.create_key(config)
         p = self.spawn([self.tollgate_bin, "serve", "--config", config], 1)
         wait_port(tg)
         self.tollgate = Target("tollgate", tg, tg, p.pid, key)
@@ -166,10 +174,8 @@ tiers: {{ bench: {{ requests_per_second: 1000000000, burst: 1000000000 }} }}
         # limits, no rate-limit headers — what tollgate's own features cost (S1 only).
         nk, nk_admin = free_port(), free_port()
         nk_config = os.path.join(self.tmp, "tollgate-nokey.yaml")
-        with open(nk_config, "w") as f:
-            f.write(open(config).read().replace(f"127.0.0.1:{tg}", f"127.0.0.1:{nk}")
-                    .replace(f"127.0.0.1:{tg_admin}", f"127.0.0.1:{nk_admin}")
-                    + "routes:\n  - { method: POST, path: /v1/chat/completions, public: true }\n")
+        write_config(nk_config, nk, nk_admin, up, self.tmp,
+                     "routes:\n  - { method: POST, path: /v1/chat/completions, public: true }\n")
         p = self.spawn([self.tollgate_bin, "serve", "--config", nk_config], 1)
         wait_port(nk)
         self.tollgate_nokey = Target("tollgate (no key check)", nk, nk, p.pid, "")
@@ -356,17 +362,9 @@ backend up
             os.makedirs(tmp)
             port, admin = free_port(), free_port()
             config = os.path.join(tmp, "tollgate.yaml")
-            with open(config, "w") as f:
-                f.write(f"""listen: 127.0.0.1:{port}
-admin_listen: 127.0.0.1:{admin}
-upstream: {{ url: "http://127.0.0.1:{self.direct.h1_port}" }}
-store: {{ sqlite: "{tmp}/keys.db" }}
-log: {{ format: json, level: warn }}
-auth: {{ argon2: {{ memory_kib: 8, iterations: 1, parallelism: 1 }}, cache_capacity: {hot_max} }}
-tiers: {{ bench: {{ requests_per_second: 1000000000, burst: 1000000000 }} }}
-""")
-            key = sh(self.tollgate_bin, "keys", "--config", config, "create", "--org", "bench", "--tier", "bench",
-                     "--scope", "inference:read", "--scope", "inference:write").splitlines()[0]
+            write_config(config, port, admin, self.direct.h1_port, tmp,
+                         f"auth: {{ argon2: {{ memory_kib: 8, iterations: 1, parallelism: 1 }}, cache_capacity: {hot_max} }}\n")
+            key = self.create_key(config)
             prefix, real_id, rest = key.split("_", 2)
             secret = rest[:-6]
             tokens = [key]
