@@ -41,8 +41,13 @@ impl Proxy {
         let snap = self.state.snapshot();
         let request_id = forward::request_id(req.headers());
         let method = method_label(req.method());
-        let path = redact_keys(req.uri().path(), &snap.config.auth.key_prefix);
-        let route = snap.routes.find(req.method(), &path);
+        let route = snap.routes.find(req.method(), req.uri().path());
+        // The access log's copy of the path, keys redacted: not built when that log is off.
+        let path = if tracing::enabled!(target: "access", tracing::Level::INFO) {
+            redact_keys(req.uri().path(), &snap.config.auth.key_prefix)
+        } else {
+            String::new()
+        };
         let label = route.map(|r| r.label.clone());
         self.state.metrics.inflight.inc();
 

@@ -34,6 +34,8 @@ pub struct Bucket<C: Clock + Clone> {
     gcra: Option<Gcra<C>>,
     /// Per limited entity: (UTC day number, requests admitted that day).
     daily: DashMap<Arc<str>, Mutex<(i64, u64)>>,
+    /// The header values that depend on the limits alone, formatted once.
+    fixed: Option<Arc<Fixed>>,
 }
 
 impl<C: Clock + Clone> Bucket<C> {
@@ -48,8 +50,25 @@ impl<C: Clock + Clone> Bucket<C> {
             )
             .with_middleware::<StateInformationMiddleware>()
         });
-        Bucket { limits, gcra, daily: DashMap::new() }
+        let full = Quota {
+            per_second: gcra.as_ref().map(|_| {
+                let rps = limits.requests_per_second.unwrap_or(1);
+                let burst = limits.burst.unwrap_or(rps);
+                (burst, burst, rps)
+            }),
+            daily: limits.daily_requests.map(|budget| (budget, budget, 0)),
+            fixed: None,
+        };
+        Bucket { limits, gcra, daily: DashMap::new(), fixed: full.format_fixed().map(Arc::new) }
     }
+}
+
+/// `x-ratelimit-limit-requests` and `RateLimit-Policy`: they depend on a bucket's limits alone,
+/// so admitted requests share the bucket's values instead of formatting them again.
+#[derive(Debug, PartialEq, Eq)]
+struct Fixed {
+    limit: HeaderValue,
+    policy: HeaderValue,
 }
 
 /// What the limiter knows after a decision: rendered into the rate-limit headers.
@@ -59,6 +78,9 @@ pub struct Quota {
     per_second: Option<(u32, u32, u32)>,
     /// (daily budget, remaining today, milliseconds until 00:00 UTC).
     daily: Option<(u64, u64, i64)>,
+    /// The bucket's preformatted values (set on admitted requests; a refusal may report fewer
+    /// limits, so it formats its own).
+    fixed: Option<Arc<Fixed>>,
 }
 
 fn seconds_ceil(ms: i64) -> u64 {
@@ -97,62 +119,94 @@ impl Quota {
     /// Writes `x-ratelimit-*` (OpenAI's names, for the budget that runs out last: the daily one
     /// when there is one) and the IETF `RateLimit-Policy` / `RateLimit` fields for every limit.
     ///
-    /// Runs on every answered request: all values are written into one buffer and split off it,
-    /// so the five headers cost one allocation and no formatting machinery.
+    /// Runs on every answered request: the two values fixed by the limits are the bucket's own,
+    /// the other three are written into one buffer and split off it (one allocation, no
+    /// formatting machinery).
     pub fn write_headers(&self, h: &mut HeaderMap) {
-        let openai = match (self.daily, self.per_second) {
-            (Some((budget, remaining, reset_ms)), _) => (budget, remaining, reset_ms),
-            (None, Some((burst, remaining, rps))) => {
-                (u64::from(burst), u64::from(remaining), refill_ms(burst, remaining, rps))
-            }
-            (None, None) => return,
+        let Some((_, remaining, reset_ms)) = self.openai() else { return };
+        let formatted;
+        let fixed = match &self.fixed {
+            Some(f) => &**f,
+            None => match self.format_fixed() {
+                Some(f) => {
+                    formatted = f;
+                    &formatted
+                }
+                None => return,
+            },
         };
-        let mut buf = BytesMut::with_capacity(256);
+        let mut buf = BytesMut::with_capacity(128);
         let mut n = itoa::Buffer::new();
-        let mut put = |buf: &mut BytesMut, name: HeaderName| {
-            // Digits, letters and `";=, ` only: always a valid header value.
-            if let Ok(v) = HeaderValue::from_maybe_shared(buf.split().freeze()) {
-                h.insert(name, v);
-            }
-        };
-        let (limit, remaining, reset_ms) = openai;
-        buf.extend_from_slice(n.format(limit).as_bytes());
-        put(&mut buf, LIMIT_REQUESTS);
+        h.insert(LIMIT_REQUESTS, fixed.limit.clone());
         buf.extend_from_slice(n.format(remaining).as_bytes());
-        put(&mut buf, REMAINING_REQUESTS);
+        put(h, &mut buf, REMAINING_REQUESTS);
         put_openai_duration(&mut buf, reset_ms);
-        put(&mut buf, RESET_REQUESTS);
-
-        // A full bucket of `burst` refills in burst/rps seconds: q/w states both the burst and
-        // the sustained rate.
-        let mut field = |buf: &mut BytesMut, name: &str, values: [u64; 2], keys: [&[u8]; 2]| {
-            if !buf.is_empty() {
-                buf.extend_from_slice(b", ");
-            }
-            buf.extend_from_slice(b"\"");
-            buf.extend_from_slice(name.as_bytes());
-            buf.extend_from_slice(b"\"");
-            for (k, v) in keys.iter().zip(values) {
-                buf.extend_from_slice(k);
-                buf.extend_from_slice(n.format(v).as_bytes());
-            }
-        };
-        if let Some((burst, _, rps)) = self.per_second {
-            let window = burst.div_ceil(rps.max(1));
-            field(&mut buf, "requests_per_second", [burst.into(), window.into()], [b";q=", b";w="]);
-        }
-        if let Some((budget, _, _)) = self.daily {
-            field(&mut buf, "daily_requests", [budget, 86400], [b";q=", b";w="]);
-        }
-        put(&mut buf, RATELIMIT_POLICY);
+        put(h, &mut buf, RESET_REQUESTS);
+        h.insert(RATELIMIT_POLICY, fixed.policy.clone());
         if let Some((burst, remaining, rps)) = self.per_second {
             let refill = u64::try_from((refill_ms(burst, remaining, rps) + 999) / 1000).unwrap_or(0);
-            field(&mut buf, "requests_per_second", [remaining.into(), refill], [b";r=", b";t="]);
+            put_field(&mut buf, "requests_per_second", [remaining.into(), refill], [b";r=", b";t="]);
         }
         if let Some((_, remaining, reset_ms)) = self.daily {
-            field(&mut buf, "daily_requests", [remaining, seconds_ceil(reset_ms)], [b";r=", b";t="]);
+            put_field(&mut buf, "daily_requests", [remaining, seconds_ceil(reset_ms)], [b";r=", b";t="]);
         }
-        put(&mut buf, RATELIMIT);
+        put(h, &mut buf, RATELIMIT);
+    }
+
+    /// OpenAI's (limit, remaining, reset in ms): the budget that runs out last, the daily one
+    /// when there is one.
+    fn openai(&self) -> Option<(u64, u64, i64)> {
+        match (self.daily, self.per_second) {
+            (Some(daily), _) => Some(daily),
+            (None, Some((burst, remaining, rps))) => {
+                Some((u64::from(burst), u64::from(remaining), refill_ms(burst, remaining, rps)))
+            }
+            (None, None) => None,
+        }
+    }
+
+    /// The values that depend on the limits alone. A full bucket of `burst` refills in
+    /// burst/rps seconds: q/w states both the burst and the sustained rate.
+    fn format_fixed(&self) -> Option<Fixed> {
+        let (limit, _, _) = self.openai()?;
+        let mut buf = BytesMut::with_capacity(128);
+        buf.extend_from_slice(itoa::Buffer::new().format(limit).as_bytes());
+        let limit = value(&mut buf)?;
+        if let Some((burst, _, rps)) = self.per_second {
+            let window = burst.div_ceil(rps.max(1));
+            put_field(&mut buf, "requests_per_second", [burst.into(), window.into()], [b";q=", b";w="]);
+        }
+        if let Some((budget, _, _)) = self.daily {
+            put_field(&mut buf, "daily_requests", [budget, 86400], [b";q=", b";w="]);
+        }
+        Some(Fixed { limit, policy: value(&mut buf)? })
+    }
+}
+
+/// The buffer's contents so far as a header value (digits, letters and `";=, ` only: always
+/// valid), leaving the buffer empty for the next one.
+fn value(buf: &mut BytesMut) -> Option<HeaderValue> {
+    HeaderValue::from_maybe_shared(buf.split().freeze()).ok()
+}
+
+fn put(h: &mut HeaderMap, buf: &mut BytesMut, name: HeaderName) {
+    if let Some(v) = value(buf) {
+        h.insert(name, v);
+    }
+}
+
+/// One item of a structured-field list: `"name";k1=v1;k2=v2`, after a `, ` if not the first.
+fn put_field(buf: &mut BytesMut, name: &str, values: [u64; 2], keys: [&[u8]; 2]) {
+    let mut n = itoa::Buffer::new();
+    if !buf.is_empty() {
+        buf.extend_from_slice(b", ");
+    }
+    buf.extend_from_slice(b"\"");
+    buf.extend_from_slice(name.as_bytes());
+    buf.extend_from_slice(b"\"");
+    for (k, v) in keys.iter().zip(values) {
+        buf.extend_from_slice(k);
+        buf.extend_from_slice(n.format(v).as_bytes());
     }
 }
 
@@ -299,6 +353,7 @@ impl<C: Clock + Clone> Limiter<C> {
                 }
             }
         }
+        quota.fixed = bucket.fixed.clone();
         Ok(quota)
     }
 

@@ -336,6 +336,38 @@ mod tests {
         assert_eq!(accepted.load(Ordering::SeqCst), 3);
     }
 
+    /// The upstream closes a kept-alive connection after its own idle timeout, unannounced: the
+    /// pool must not hand the dead connection out, or must take the request back from it.
+    #[tokio::test]
+    async fn a_connection_closed_while_idle_is_replaced() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let count = accepted.clone();
+        tokio::spawn(async move {
+            loop {
+                let (mut s, _) = listener.accept().await.unwrap();
+                count.fetch_add(1, Ordering::SeqCst);
+                tokio::spawn(async move {
+                    let mut buf = vec![0u8; 4096];
+                    if s.read(&mut buf).await.unwrap_or(0) > 0 {
+                        let _ = s.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok").await;
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    }
+                    // Dropped: closed without `Connection: close`.
+                });
+            }
+        });
+        let c = client(addr);
+        for _ in 0..3 {
+            let rsp = c.request(get()).await.unwrap();
+            assert_eq!(rsp.into_body().collect().await.unwrap().to_bytes(), "ok");
+            assert_eq!(c.pool.idle_count(), 1, "a complete exchange returns its connection");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert_eq!(accepted.load(Ordering::SeqCst), 3);
+    }
+
     #[tokio::test]
     async fn idle_connections_expire() {
         let (addr, accepted) = server(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok").await;

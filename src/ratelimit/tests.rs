@@ -263,6 +263,18 @@ fn headers_carry_both_limits() {
     assert_eq!(h["x-ratelimit-limit-requests"], "200");
     assert_eq!(h["x-ratelimit-remaining-requests"], "199");
     assert_eq!(h["x-ratelimit-reset-requests"], "20ms");
+
+    // A refusal formats its own values (admitted requests share the bucket's): same policy.
+    let l = f.limiter("tiers: { t: { requests_per_second: 1, burst: 1 } }");
+    let mut admitted = HeaderMap::new();
+    l.check("k1", "acme", "t").unwrap().write_headers(&mut admitted);
+    let mut refused = HeaderMap::new();
+    l.check("k1", "acme", "t").unwrap_err().quota.write_headers(&mut refused);
+    assert_eq!(admitted["ratelimit-policy"], "\"requests_per_second\";q=1;w=1");
+    assert_eq!(refused["ratelimit-policy"], admitted["ratelimit-policy"]);
+    assert_eq!(refused["x-ratelimit-limit-requests"], "1");
+    assert_eq!(refused["x-ratelimit-remaining-requests"], "0");
+    assert_eq!(refused["ratelimit"], "\"requests_per_second\";r=0;t=1");
     let openai_duration = |ms| {
         let mut buf = bytes::BytesMut::new();
         put_openai_duration(&mut buf, ms);
