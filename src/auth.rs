@@ -414,6 +414,9 @@ struct Verifiers {
 
 impl Verifiers {
     const IDLE: Duration = Duration::from_secs(30);
+    /// The verifier threads' nice value: they get about a tenth of a core the request path
+    /// also wants (CFS weights 110 vs 1024), and all of an idle one.
+    const NICE: i32 = 19;
 
     fn start(threads: usize) -> Result<Verifiers, String> {
         let (tx, rx) = std::sync::mpsc::channel::<Job>();
@@ -423,6 +426,11 @@ impl Verifiers {
             std::thread::Builder::new()
                 .name(format!("tollgate-argon2-{i}"))
                 .spawn(move || {
+                    // Below the request path's priority: a verification is 20 ms of CPU, and
+                    // at equal priority the scheduler lets it hold the core while requests
+                    // with cached keys wait (a wrong-secret flood sent valid-key p99 from
+                    // 0.5 to 5 ms). Linux's nice is per thread; failing to set it is harmless.
+                    let _ = rustix::process::setpriority_process(None, Self::NICE);
                     let mut blocks = Vec::new();
                     loop {
                         // One thread waits on the queue at a time; the others wait for the lock.
