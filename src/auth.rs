@@ -414,9 +414,6 @@ struct Verifiers {
 
 impl Verifiers {
     const IDLE: Duration = Duration::from_secs(30);
-    /// The verifier threads' nice value: they get about a tenth of a core the request path
-    /// also wants (CFS weights 110 vs 1024), and all of an idle one.
-    const NICE: i32 = 19;
 
     fn start(threads: usize) -> Result<Verifiers, String> {
         let (tx, rx) = std::sync::mpsc::channel::<Job>();
@@ -426,11 +423,8 @@ impl Verifiers {
             std::thread::Builder::new()
                 .name(format!("tollgate-argon2-{i}"))
                 .spawn(move || {
-                    // Below the request path's priority: a verification is 20 ms of CPU, and
-                    // at equal priority the scheduler lets it hold the core while requests
-                    // with cached keys wait (a wrong-secret flood sent valid-key p99 from
-                    // 0.5 to 5 ms). Linux's nice is per thread; failing to set it is harmless.
-                    let _ = rustix::process::setpriority_process(None, Self::NICE);
+                    // Below the request path's priority: see `priority`.
+                    crate::priority::lower_current_thread();
                     let mut blocks = Vec::new();
                     loop {
                         // One thread waits on the queue at a time; the others wait for the lock.
@@ -515,6 +509,8 @@ pub async fn maintain(auth: Arc<Authenticator>, state: Arc<crate::state::State>)
             }
             Err(e) => tracing::warn!(error = %e, "cannot poll the key store for revocations"),
         }
+        // sqlx starts a SQLite worker thread per connection, on demand: found by name.
+        crate::priority::lower_threads_named("sqlx-sqlite");
         if last_flush.elapsed() >= FLUSH_EVERY {
             last_flush = Instant::now();
             flush_usage(&auth).await;

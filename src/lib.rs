@@ -17,7 +17,8 @@
 //! ```
 //!
 //! Around it: `config` (YAML → validated `Config`), `state` (`State` and the swappable
-//! `Snapshot`), `reload` (SIGHUP / file changes).
+//! `Snapshot`), `reload` (SIGHUP / file changes), `priority` (background threads below the
+//! request path).
 
 pub mod auth;
 pub mod body;
@@ -30,6 +31,7 @@ pub mod keys_api;
 pub mod listener;
 pub mod manage;
 pub mod metrics;
+pub mod priority;
 pub mod proxy;
 pub mod ratelimit;
 pub mod reload;
