@@ -198,6 +198,13 @@ pub struct Authenticator {
     verifiers: Verifiers,
     failures: DefaultKeyedRateLimiter<IpAddr>,
     blocked: Cache<IpAddr, Instant>,
+    /// Per source address, the cache misses being looked up and verified: at most one per
+    /// verifier thread (all one source could use), the others wait and then see the block that
+    /// the failures before them caused. Without it, a flood's concurrent misses all passed the
+    /// block check before the first failure was counted (64 connections: ~19 verifications a
+    /// second instead of `failed_auth.per_second`).
+    verifying: Mutex<HashMap<IpAddr, Arc<tokio::sync::Semaphore>>>,
+    verifier_threads: usize,
 }
 
 impl Authenticator {
@@ -225,6 +232,8 @@ impl Authenticator {
             verifiers: Verifiers::start(cores)?,
             failures: RateLimiter::keyed(quota),
             blocked: Cache::builder().max_capacity(100_000).time_to_live(Duration::from_secs(3600)).build(),
+            verifying: Mutex::new(HashMap::new()),
+            verifier_threads: cores,
         })
     }
 
@@ -267,13 +276,7 @@ impl Authenticator {
                     })
                 })?;
                 metrics.auth_cache_misses.inc();
-                if let Some(until) = self.blocked.get(&source).await {
-                    let wait = until.saturating_duration_since(Instant::now());
-                    if !wait.is_zero() {
-                        metrics.auth_failures.with_label_values(&[Reason::RateLimited.label()]).inc();
-                        return Err(failed_auth_limited(wait));
-                    }
-                }
+                self.check_blocked(source, metrics).await?;
                 // An expired outcome must not be handed to the waiters below.
                 self.cache.remove_if(&digest, |c| c.expires_ms <= clock_ms);
                 let entry =
@@ -282,6 +285,8 @@ impl Authenticator {
                         // First of the concurrent misses for this token: the others wait for this
                         // outcome (or, if this fails, for one of them to try again).
                         Err(guard) => {
+                            let _slot = self.verifying_slot(source).await;
+                            self.check_blocked(source, metrics).await?;
                             let entry =
                             self.lookup_and_verify(parsed.id, parsed.secret(), metrics).await.map_err(|e| {
                                 tracing::error!(error = %e, "key store unreachable during authentication");
@@ -345,6 +350,30 @@ impl Authenticator {
         })
     }
 
+    /// 429 while `source` is blocked for failed attempts.
+    async fn check_blocked(&self, source: IpAddr, metrics: &Metrics) -> Result<(), Error> {
+        if let Some(until) = self.blocked.get(&source).await {
+            let wait = until.saturating_duration_since(Instant::now());
+            if !wait.is_zero() {
+                metrics.auth_failures.with_label_values(&[Reason::RateLimited.label()]).inc();
+                return Err(failed_auth_limited(wait));
+            }
+        }
+        Ok(())
+    }
+
+    /// Waits for one of `source`'s verification slots (see `verifying`).
+    async fn verifying_slot(&self, source: IpAddr) -> Option<tokio::sync::OwnedSemaphorePermit> {
+        let slots = {
+            let mut map = self.verifying.lock().unwrap_or_else(|e| e.into_inner());
+            map.entry(source)
+                .or_insert_with(|| Arc::new(tokio::sync::Semaphore::new(self.verifier_threads.max(1))))
+                .clone()
+        };
+        // Never closed: `None` cannot happen, and would only mean no wait.
+        slots.acquire_owned().await.ok()
+    }
+
     async fn count_failure(&self, source: IpAddr) {
         if let Err(not_until) = self.failures.check_key(&source) {
             let wait = not_until.wait_time_from(governor::clock::Clock::now(self.failures.clock()));
@@ -393,6 +422,8 @@ impl Authenticator {
     pub fn forget_quiet_sources(&self) {
         self.failures.retain_recent();
         self.failures.shrink_to_fit();
+        // A source's slots go when nobody holds or waits for them.
+        self.verifying.lock().unwrap_or_else(|e| e.into_inner()).retain(|_, s| Arc::strong_count(s) > 1);
         self.profiles.lock().unwrap_or_else(|e| e.into_inner()).retain(|_, p| p.strong_count() > 0);
     }
 }
