@@ -660,4 +660,58 @@ mod tests {
         auth.authenticate(&config.auth, &bearer(&wrong), ip, &metrics).await.unwrap_err();
         assert_eq!(verified(), 5, "both outcomes expired after their TTL");
     }
+
+    /// Concurrent misses from one source cannot all slip past the failed-attempt block: they
+    /// are verified a few at a time, and those that waited see the block the first failures
+    /// caused. (Before: 40 concurrent wrong secrets, 40 verifications.)
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_wrong_secrets_from_one_source_are_verified_a_few_at_a_time() {
+        use crate::manage::{self, NewKeySpec};
+        let dir = tempfile::tempdir().unwrap();
+        let config = crate::config::Config::from_yaml(
+            "auth: { failed_auth: { per_second: 1, burst: 2 }, \
+             argon2: { memory_kib: 8, iterations: 1, parallelism: 1 } }",
+            "test",
+        )
+        .unwrap();
+        let store: Arc<dyn KeyStore> =
+            Arc::new(crate::store::sqlite::SqliteStore::open(&dir.path().join("k.db")).await.unwrap());
+        let spec = NewKeySpec {
+            org: "acme".into(),
+            tier: "audit".into(),
+            scopes: vec!["inference:read".into()],
+            name: None,
+            workspace: None,
+            expires_in: None,
+        };
+        let (_, key) = manage::create(store.as_ref(), &config, spec, "test", None).await.unwrap();
+        let id = key.expose().split('_').nth(1).unwrap().to_string();
+        let auth = Arc::new(Authenticator::new(store, &config.auth).unwrap());
+        let metrics = Arc::new(Metrics::new().unwrap());
+        let ip: IpAddr = "127.0.0.1".parse().unwrap();
+
+        let mut tasks = tokio::task::JoinSet::new();
+        for i in 0..40 {
+            let (auth, metrics, cfg) = (auth.clone(), metrics.clone(), config.auth.clone());
+            let wrong = keys::assemble("tg", &id, &format!("{}{i:04}", "x".repeat(28)));
+            tasks.spawn(async move {
+                let h = headers(&[format!("Bearer {wrong}").as_bytes()]);
+                auth.authenticate(&cfg, &h, ip, &metrics).await.map(|_| ()).unwrap_err()
+            });
+        }
+        let errors = tasks.join_all().await;
+        let verified: u64 = ["ok", "mismatch", "error"]
+            .iter()
+            .map(|r| metrics.argon2_verifications.with_label_values(&[r]).get())
+            .sum();
+        let limited =
+            errors.iter().filter(|e| matches!(e, Error::RateLimited { limit: "failed_auth", .. })).count();
+        assert!(verified >= 2, "the burst is verified: {verified}");
+        assert!(
+            verified <= 2 + 2 * auth.verifier_threads as u64,
+            "{verified} verifications for 40 concurrent wrong secrets (burst 2, {} slots)",
+            auth.verifier_threads
+        );
+        assert!(limited as u64 + verified + 2 >= 40, "the rest are refused with 429: {limited}");
+    }
 }
