@@ -605,21 +605,21 @@ mod tests {
         assert_eq!(bearer(&headers(&[long.as_bytes()])), Err(Reason::Malformed));
     }
 
-    /// The cache against a real SQLite store: hits cost no verification, outcomes expire after
-    /// their TTL (valid and refused alike), and keys of one profile share it.
-    #[tokio::test]
-    async fn cached_outcomes_expire_and_profiles_are_shared() {
-        use crate::manage::{self, NewKeySpec};
-        let dir = tempfile::tempdir().unwrap();
-        let config = crate::config::Config::from_yaml(
-            "auth: { cache_ttl: 300ms, negative_cache_ttl: 300ms, \
-             argon2: { memory_kib: 8, iterations: 1, parallelism: 1 } }",
-            "test",
-        )
-        .unwrap();
+    /// A config from `yaml` (cheap Argon2id parameters added) and a real SQLite store in `dir`.
+    async fn config_and_store(
+        yaml: &str,
+        dir: &tempfile::TempDir,
+    ) -> (crate::config::Config, Arc<dyn KeyStore>) {
+        let yaml = format!("auth: {{ {yaml}, argon2: {{ memory_kib: 8, iterations: 1, parallelism: 1 }} }}");
+        let config = crate::config::Config::from_yaml(&yaml, "test").unwrap();
         let store: Arc<dyn KeyStore> =
             Arc::new(crate::store::sqlite::SqliteStore::open(&dir.path().join("k.db")).await.unwrap());
-        let spec = || NewKeySpec {
+        (config, store)
+    }
+
+    /// Creates a key of org `acme`, tier `audit`, scope `inference:read`.
+    async fn create_key(store: &Arc<dyn KeyStore>, config: &crate::config::Config) -> keys::Token {
+        let spec = crate::manage::NewKeySpec {
             org: "acme".into(),
             tier: "audit".into(),
             scopes: vec!["inference:read".into()],
@@ -627,17 +627,29 @@ mod tests {
             workspace: None,
             expires_in: None,
         };
-        let (_, one) = manage::create(store.as_ref(), &config, spec(), "test", None).await.unwrap();
-        let (_, two) = manage::create(store.as_ref(), &config, spec(), "test", None).await.unwrap();
+        crate::manage::create(store.as_ref(), config, spec, "test", None).await.unwrap().1
+    }
+
+    /// Argon2id verifications so far, whatever their outcome.
+    fn verifications(metrics: &Metrics) -> u64 {
+        ["ok", "mismatch", "error"]
+            .iter()
+            .map(|r| metrics.argon2_verifications.with_label_values(&[r]).get())
+            .sum()
+    }
+
+    /// The cache against a real SQLite store: hits cost no verification, outcomes expire after
+    /// their TTL (valid and refused alike), and keys of one profile share it.
+    #[tokio::test]
+    async fn cached_outcomes_expire_and_profiles_are_shared() {
+        let dir = tempfile::tempdir().unwrap();
+        let (config, store) = config_and_store("cache_ttl: 300ms, negative_cache_ttl: 300ms", &dir).await;
+        let one = create_key(&store, &config).await;
+        let two = create_key(&store, &config).await;
         let auth = Authenticator::new(store, &config.auth).unwrap();
         let metrics = Metrics::new().unwrap();
         let ip: IpAddr = "127.0.0.1".parse().unwrap();
-        let verified = || {
-            ["ok", "mismatch", "error"]
-                .iter()
-                .map(|r| metrics.argon2_verifications.with_label_values(&[r]).get())
-                .sum::<u64>()
-        };
+        let verified = || verifications(&metrics);
         let bearer = |token: &str| headers(&[format!("Bearer {token}").as_bytes()]);
 
         let a = auth.authenticate(&config.auth, &bearer(one.expose()), ip, &metrics).await.unwrap();
@@ -666,25 +678,9 @@ mod tests {
     /// caused. (Before: 40 concurrent wrong secrets, 40 verifications.)
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn concurrent_wrong_secrets_from_one_source_are_verified_a_few_at_a_time() {
-        use crate::manage::{self, NewKeySpec};
         let dir = tempfile::tempdir().unwrap();
-        let config = crate::config::Config::from_yaml(
-            "auth: { failed_auth: { per_second: 1, burst: 2 }, \
-             argon2: { memory_kib: 8, iterations: 1, parallelism: 1 } }",
-            "test",
-        )
-        .unwrap();
-        let store: Arc<dyn KeyStore> =
-            Arc::new(crate::store::sqlite::SqliteStore::open(&dir.path().join("k.db")).await.unwrap());
-        let spec = NewKeySpec {
-            org: "acme".into(),
-            tier: "audit".into(),
-            scopes: vec!["inference:read".into()],
-            name: None,
-            workspace: None,
-            expires_in: None,
-        };
-        let (_, key) = manage::create(store.as_ref(), &config, spec, "test", None).await.unwrap();
+        let (config, store) = config_and_store("failed_auth: { per_second: 1, burst: 2 }", &dir).await;
+        let key = create_key(&store, &config).await;
         let id = key.expose().split('_').nth(1).unwrap().to_string();
         let auth = Arc::new(Authenticator::new(store, &config.auth).unwrap());
         let metrics = Arc::new(Metrics::new().unwrap());
@@ -700,10 +696,7 @@ mod tests {
             });
         }
         let errors = tasks.join_all().await;
-        let verified: u64 = ["ok", "mismatch", "error"]
-            .iter()
-            .map(|r| metrics.argon2_verifications.with_label_values(&[r]).get())
-            .sum();
+        let verified = verifications(&metrics);
         let limited =
             errors.iter().filter(|e| matches!(e, Error::RateLimited { limit: "failed_auth", .. })).count();
         assert!(verified >= 2, "the burst is verified: {verified}");

@@ -245,41 +245,51 @@ mod tests {
     use http_body_util::{BodyExt, Full};
     use std::sync::atomic::{AtomicUsize, Ordering};
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    use tokio::net::TcpListener;
+    use tokio::net::{TcpListener, TcpStream};
 
-    /// A raw HTTP/1.1 server that counts connections and answers every request with `answer`.
-    async fn server(answer: &'static [u8]) -> (String, Arc<AtomicUsize>) {
+    /// A raw TCP server that counts connections and hands each to `serve`.
+    async fn listen<F, Fut>(serve: F) -> (String, Arc<AtomicUsize>)
+    where
+        F: Fn(TcpStream) -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = ()> + Send + 'static,
+    {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap().to_string();
         let accepted = Arc::new(AtomicUsize::new(0));
         let count = accepted.clone();
         tokio::spawn(async move {
             loop {
-                let (mut s, _) = listener.accept().await.unwrap();
+                let (s, _) = listener.accept().await.unwrap();
                 count.fetch_add(1, Ordering::SeqCst);
-                tokio::spawn(async move {
-                    let mut buf = vec![0u8; 4096];
-                    let mut seen = Vec::new();
-                    loop {
-                        let n = match s.read(&mut buf).await {
-                            Ok(0) | Err(_) => return,
-                            Ok(n) => n,
-                        };
-                        seen.extend_from_slice(&buf[..n]);
-                        while let Some(end) = seen.windows(4).position(|w| w == b"\r\n\r\n") {
-                            seen.drain(..end + 4);
-                            if s.write_all(answer).await.is_err() {
-                                return;
-                            }
-                            if answer.windows(17).any(|w| w.eq_ignore_ascii_case(b"connection: close")) {
-                                return;
-                            }
-                        }
-                    }
-                });
+                tokio::spawn(serve(s));
             }
         });
         (addr, accepted)
+    }
+
+    /// A raw HTTP/1.1 server that counts connections and answers every request with `answer`.
+    async fn server(answer: &'static [u8]) -> (String, Arc<AtomicUsize>) {
+        listen(move |mut s| async move {
+            let mut buf = vec![0u8; 4096];
+            let mut seen = Vec::new();
+            loop {
+                let n = match s.read(&mut buf).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => n,
+                };
+                seen.extend_from_slice(&buf[..n]);
+                while let Some(end) = seen.windows(4).position(|w| w == b"\r\n\r\n") {
+                    seen.drain(..end + 4);
+                    if s.write_all(answer).await.is_err() {
+                        return;
+                    }
+                    if answer.windows(17).any(|w| w.eq_ignore_ascii_case(b"connection: close")) {
+                        return;
+                    }
+                }
+            }
+        })
+        .await
     }
 
     fn get() -> Request<Full<Bytes>> {
@@ -340,24 +350,15 @@ mod tests {
     /// pool must not hand the dead connection out, or must take the request back from it.
     #[tokio::test]
     async fn a_connection_closed_while_idle_is_replaced() {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap().to_string();
-        let accepted = Arc::new(AtomicUsize::new(0));
-        let count = accepted.clone();
-        tokio::spawn(async move {
-            loop {
-                let (mut s, _) = listener.accept().await.unwrap();
-                count.fetch_add(1, Ordering::SeqCst);
-                tokio::spawn(async move {
-                    let mut buf = vec![0u8; 4096];
-                    if s.read(&mut buf).await.unwrap_or(0) > 0 {
-                        let _ = s.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok").await;
-                        tokio::time::sleep(Duration::from_millis(20)).await;
-                    }
-                    // Dropped: closed without `Connection: close`.
-                });
+        let (addr, accepted) = listen(|mut s| async move {
+            let mut buf = vec![0u8; 4096];
+            if s.read(&mut buf).await.unwrap_or(0) > 0 {
+                let _ = s.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok").await;
+                tokio::time::sleep(Duration::from_millis(20)).await;
             }
-        });
+            // Dropped: closed without `Connection: close`.
+        })
+        .await;
         let c = client(addr);
         for _ in 0..3 {
             let rsp = c.request(get()).await.unwrap();
