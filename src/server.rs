@@ -66,17 +66,23 @@ where
     let conn = builder.serve_connection(TokioIo::new(io), service).into_owned();
     let conn = watcher.watch(conn);
     tokio::pin!(conn);
+    // The deadline applies until the first request only. A `select!` precondition is evaluated
+    // once, when the select starts, so the check after it fires is what disarms it: a
+    // connection that has carried a request is then served to its end (each later request's
+    // headers are hyper's `header_read_timeout` on HTTP/1.1; HTTP/2 pings find dead peers).
     let first_request_deadline = tokio::time::sleep(limits.header_read_timeout);
-    tokio::pin!(first_request_deadline);
-    tokio::select! {
-        res = &mut conn => {
-            if let Err(e) = res {
-                tracing::debug!(peer = %addr, error = %e, "connection ended with an error");
+    let res = tokio::select! {
+        res = &mut conn => res,
+        _ = first_request_deadline => {
+            if !seen_request.load(Ordering::Relaxed) {
+                tracing::debug!(peer = %addr, "no request within header_read_timeout; closing");
+                return;
             }
+            conn.await
         }
-        _ = &mut first_request_deadline, if !seen_request.load(Ordering::Relaxed) => {
-            tracing::debug!(peer = %addr, "no request within header_read_timeout; closing");
-        }
+    };
+    if let Err(e) = res {
+        tracing::debug!(peer = %addr, error = %e, "connection ended with an error");
     }
 }
 

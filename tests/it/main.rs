@@ -6,6 +6,7 @@ mod upstream;
 
 mod auth;
 mod cli;
+mod connections;
 mod keys;
 mod lifecycle;
 mod observability;

@@ -1,7 +1,8 @@
 //! A real upstream for the tests: a small hyper HTTP/1.1 server on `127.0.0.1:0` whose
 //! behaviour is chosen per request with the `x-mock` header:
 //!
-//! - (none) — 200 JSON echo of what it received: method, path, headers, body;
+//! - (none) — 200 JSON echo of what it received: method, path, headers, body (after
+//!   `x-mock-delay-ms`, if given: a slow model);
 //! - `sse` — `x-mock-events` events `x-mock-interval-ms` apart, then `data: [DONE]`;
 //! - `hang` — never answers (records `hang_started`, and `hang_cancelled` when dropped);
 //! - `stall` — headers and one event, then silence (records `stall_dropped` when dropped);
@@ -192,6 +193,9 @@ async fn handle(s: Arc<Shared>, req: Request<Incoming>) -> Response<Body> {
             )
         }
         _ => {
+            if let Some(ms) = header(&req, "x-mock-delay-ms").and_then(|v| v.parse().ok()) {
+                tokio::time::sleep(Duration::from_millis(ms)).await;
+            }
             let method = req.method().to_string();
             let path = req.uri().path_and_query().map(|p| p.to_string()).unwrap_or_default();
             let headers: serde_json::Map<String, serde_json::Value> = req

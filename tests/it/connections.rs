@@ -1,0 +1,118 @@
+//! Client connections: how long they live and what cuts them. The first-request deadline
+//! (`limits.header_read_timeout`) closes connections that never send a request, and nothing
+//! else: responses and streams that outlast it, on HTTP/1.1 and h2c, complete.
+
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+
+use crate::harness::*;
+use crate::upstream::Upstream;
+
+/// A streamed body read to its end: how many `data:` events arrived, and whether `[DONE]` did.
+async fn read_events(rsp: hyper::Response<hyper::body::Incoming>, what: &str) -> (usize, bool) {
+    let mut body = rsp.into_body();
+    let mut text = String::new();
+    while let Some(frame) = body.frame().await {
+        let frame = frame.unwrap_or_else(|e| panic!("{what}: stream cut after {text:?}: {e}"));
+        if let Some(d) = frame.data_ref() {
+            text.push_str(&String::from_utf8_lossy(d));
+        }
+    }
+    (text.matches("data: {").count(), text.contains("data: [DONE]"))
+}
+
+async fn long_stream(client: TestClient, tg: &Tollgate, what: &str) {
+    // 31 events one second apart: 30 s, three times the default header_read_timeout.
+    let req = tg
+        .post("/v1/chat/completions")
+        .header("x-mock", "sse")
+        .header("x-mock-events", "31")
+        .header("x-mock-interval-ms", "1000")
+        .body(Full::from(r#"{"stream":true}"#))
+        .unwrap();
+    let rsp = tokio::time::timeout(Duration::from_secs(60), client.request(req)).await.unwrap().unwrap();
+    assert_eq!(rsp.status(), 200, "{what}");
+    assert_eq!(read_events(rsp, what).await, (31, true), "{what}");
+}
+
+async fn slow_response(client: TestClient, tg: &Tollgate, what: &str) {
+    let req = tg.get("/v1/models").header("x-mock-delay-ms", "15000").body(Full::default()).unwrap();
+    let started = Instant::now();
+    let rsp = tokio::time::timeout(Duration::from_secs(60), client.request(req))
+        .await
+        .unwrap()
+        .unwrap_or_else(|e| panic!("{what}: no response after {:?}: {e}", started.elapsed()));
+    assert_eq!(rsp.status(), 200, "{what}");
+    assert!(started.elapsed() >= Duration::from_secs(14), "{what}: the upstream delay was not applied");
+}
+
+/// Requests every 500 ms for 25 s on one HTTP/1.1 connection and on one h2c connection: a
+/// connection that carries requests is never cut by the first-request deadline.
+async fn keep_alive(tg: &Tollgate, h2: bool) {
+    let what = if h2 { "h2c keep-alive" } else { "http/1.1 keep-alive" };
+    let tcp = tokio::net::TcpStream::connect(tg.addr).await.unwrap();
+    let io = TokioIo::new(tcp);
+    type ResponseFuture = std::pin::Pin<
+        Box<dyn std::future::Future<Output = hyper::Result<hyper::Response<hyper::body::Incoming>>> + Send>,
+    >;
+    type Sender = Box<dyn FnMut(http::Request<Full<Bytes>>) -> ResponseFuture + Send>;
+    let mut send: Sender = if h2 {
+        let (mut s, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), io).await.unwrap();
+        tokio::spawn(conn);
+        Box::new(move |r| Box::pin(s.send_request(r)))
+    } else {
+        let (mut s, conn) = hyper::client::conn::http1::handshake(io).await.unwrap();
+        tokio::spawn(conn);
+        Box::new(move |r| Box::pin(s.send_request(r)))
+    };
+    let started = Instant::now();
+    let mut n = 0;
+    while started.elapsed() < Duration::from_secs(25) {
+        // hyper's connection-level client sends the target as given: absolute-form needs Host.
+        let req = tg.get("/v1/models").header("host", tg.addr.to_string()).body(Full::default()).unwrap();
+        let rsp = send(req).await.unwrap_or_else(|e| panic!("{what}: request {n} failed: {e}"));
+        assert_eq!(rsp.status(), 200, "{what}");
+        rsp.into_body().collect().await.unwrap_or_else(|e| panic!("{what}: body {n}: {e}"));
+        n += 1;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    assert!(n >= 40, "{what}: only {n} requests in 25 s");
+}
+
+#[tokio::test]
+async fn responses_and_streams_outlive_the_first_request_deadline_on_the_default_config() {
+    let up = Upstream::start().await;
+    // No `limits` section: header_read_timeout is its default, 10 s.
+    let tg = Tollgate::builder(&up.url()).start();
+    tokio::join!(
+        long_stream(h1(), &tg, "30 s SSE over http/1.1"),
+        long_stream(h2c(), &tg, "30 s SSE over h2c"),
+        slow_response(h1(), &tg, "15 s response over http/1.1"),
+        slow_response(h2c(), &tg, "15 s response over h2c"),
+        keep_alive(&tg, false),
+        keep_alive(&tg, true),
+    );
+    assert!(up.events().iter().filter(|e| *e == "sse_done").count() == 2, "{:?}", up.events());
+}
+
+#[tokio::test]
+async fn connections_that_never_send_a_request_are_still_closed() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let up = Upstream::start().await;
+    let tg = Tollgate::builder(&up.url()).section("limits", "{ header_read_timeout: 1s }").start();
+    // Silent, HTTP/1.1 headers trickling in, and an h2c preface with no request after it.
+    let h2_preface = "PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00";
+    for partial in ["", "GET /v1/models HTTP/1.1\r\nHost: x\r\n", h2_preface] {
+        let mut s = tokio::net::TcpStream::connect(tg.addr).await.unwrap();
+        s.write_all(partial.as_bytes()).await.unwrap();
+        let start = Instant::now();
+        let mut buf = Vec::new();
+        let r = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut buf)).await;
+        assert!(r.is_ok(), "connection {partial:?} was never closed");
+        assert!(start.elapsed() >= Duration::from_millis(800), "closed too early: {partial:?}");
+    }
+    assert!(up.requests().is_empty());
+}
