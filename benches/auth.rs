@@ -31,7 +31,8 @@ fn auth(c: &mut Criterion) {
             workspace: None,
             expires_in: None,
         };
-        let (_, token) = manage::create(store.as_ref(), &config, spec, "bench", None).await.expect("key");
+        let (_, token) =
+            manage::create(store.as_ref(), &config, spec, &manage::Actor::Cli, None).await.expect("key");
         (Authenticator::new(store, &config.auth).expect("auth"), token)
     });
     let metrics = Metrics::new().expect("metrics");

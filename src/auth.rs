@@ -627,7 +627,7 @@ mod tests {
             workspace: None,
             expires_in: None,
         };
-        crate::manage::create(store.as_ref(), config, spec, "test", None).await.unwrap().1
+        crate::manage::create(store.as_ref(), config, spec, &crate::manage::Actor::Cli, None).await.unwrap().1
     }
 
     /// Argon2id verifications so far, whatever their outcome.

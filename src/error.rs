@@ -31,6 +31,10 @@ pub enum Error {
     #[error("Your API key does not have permission to perform this action. A key with the `{required}` scope is required.")]
     Forbidden { required: String, current: Vec<String> },
 
+    /// A key-API action that would yield a key of another tier than the caller's.
+    #[error("Your API key does not have permission to perform this action. Keys it creates, rotates or restores must be of its own tier `{current}`, not `{tier}`.")]
+    TierForbidden { tier: String, current: String },
+
     #[error("No route matches {method} {path}.")]
     NotFound { method: String, path: String },
 
@@ -68,7 +72,7 @@ impl Error {
         match self {
             Error::KeyInUrl { .. } | Error::BadRequest(_) => StatusCode::BAD_REQUEST,
             Error::Unauthorized { .. } => StatusCode::UNAUTHORIZED,
-            Error::Forbidden { .. } => StatusCode::FORBIDDEN,
+            Error::Forbidden { .. } | Error::TierForbidden { .. } => StatusCode::FORBIDDEN,
             Error::NotFound { .. } | Error::KeyNotFound(_) => StatusCode::NOT_FOUND,
             Error::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Error::HeadersTooLarge { .. } => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
@@ -85,7 +89,7 @@ impl Error {
             Error::KeyInUrl { .. } => "key_in_url",
             Error::BadRequest(_) => "bad_request",
             Error::Unauthorized { .. } => "unauthorized",
-            Error::Forbidden { .. } => "forbidden",
+            Error::Forbidden { .. } | Error::TierForbidden { .. } => "forbidden",
             Error::NotFound { .. } | Error::KeyNotFound(_) => "not_found",
             Error::PayloadTooLarge { .. } => "payload_too_large",
             Error::HeadersTooLarge { .. } => "headers_too_large",
@@ -106,7 +110,7 @@ impl Error {
             | Error::PayloadTooLarge { .. }
             | Error::HeadersTooLarge { .. } => "invalid_request_error",
             Error::Unauthorized { .. } => "authentication_error",
-            Error::Forbidden { .. } => "permission_error",
+            Error::Forbidden { .. } | Error::TierForbidden { .. } => "permission_error",
             Error::RateLimited { .. } => "rate_limit_error",
             Error::UpstreamUnavailable { .. } | Error::Unavailable(_) | Error::UpstreamTimeout { .. } => {
                 "server_error"
@@ -119,6 +123,9 @@ impl Error {
             Error::KeyInUrl { param } => json!({ "parameter": param }),
             Error::Forbidden { required, current } => {
                 json!({ "required_scope": required, "current_scope": current })
+            }
+            Error::TierForbidden { tier, current } => {
+                json!({ "required_tier": tier, "current_tier": current })
             }
             Error::PayloadTooLarge { limit } => json!({ "max_body_bytes": limit }),
             Error::HeadersTooLarge { limit } => json!({ "max_header_bytes": limit }),

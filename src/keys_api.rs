@@ -14,7 +14,7 @@ use crate::body::Body;
 use crate::config::parse_duration;
 use crate::error::Error;
 use crate::keys::KeyRecord;
-use crate::manage::{self, ManageError, NewKeySpec};
+use crate::manage::{self, Actor, ManageError, NewKeySpec};
 use crate::state::{Snapshot, State};
 
 /// Management requests are small; anything bigger is a mistake or an attack.
@@ -39,6 +39,8 @@ impl From<ManageError> for Error {
         match e {
             ManageError::NotFound(id) => Error::KeyNotFound(id),
             ManageError::Invalid(msg) => Error::BadRequest(msg),
+            ManageError::ScopeNotHeld { scope, held } => Error::Forbidden { required: scope, current: held },
+            ManageError::TierNotHeld { tier, held } => Error::TierForbidden { tier, current: held },
             ManageError::Store(e) => {
                 tracing::error!(error = %e, "key store error in the key API");
                 Error::Unavailable("The key store is unreachable; try again shortly.")
@@ -71,7 +73,13 @@ pub async fn handle(
 ) -> Result<Response<Body>, Error> {
     let store = state.auth.store().as_ref();
     let org = Some(&*caller.org);
-    let actor = &*caller.key_id;
+    let actor = Actor::Key {
+        id: &caller.key_id,
+        org: &caller.org,
+        tier: &caller.tier,
+        scopes: &caller.scopes,
+        expires_at: caller.expires_at,
+    };
     let method = req.method().clone();
     let path = req.uri().path().to_string();
     let rest = path.strip_prefix("/v1/keys").unwrap_or_default();
@@ -86,7 +94,7 @@ pub async fn handle(
         (&Method::POST, []) => {
             let body = read_json::<CreateBody>(req).await?;
             let spec = create_spec(snap, caller, body)?;
-            let (record, token) = manage::create(store, &snap.config, spec, actor, None).await?;
+            let (record, token) = manage::create(store, &snap.config, spec, &actor, None).await?;
             Ok(json_response(StatusCode::CREATED, with_key(&record, &token)))
         }
         (&Method::GET, [id]) => {
@@ -100,40 +108,30 @@ pub async fn handle(
             Ok(json_response(StatusCode::OK, json!({ "object": "list", "data": data })))
         }
         (&Method::POST, [id, "revoke"]) => {
-            let r = manage::revoke(store, id, actor, org).await?;
+            let r = manage::revoke(store, id, &actor).await?;
             // Immediate on this instance (§2): the next request with this key is refused.
             state.auth.invalidate(id);
             Ok(json_response(StatusCode::OK, r.to_json()))
         }
         (&Method::POST, [id, "restore"]) => {
-            let r = manage::restore(store, &snap.config, id, actor, org).await?;
+            let r = manage::restore(store, &snap.config, id, &actor).await?;
             state.auth.invalidate(id);
             Ok(json_response(StatusCode::OK, r.to_json()))
         }
         (&Method::POST, [id, "rotate"]) => {
-            let (record, token) = manage::rotate(store, &snap.config, id, actor, org).await?;
+            let (record, token) = manage::rotate(store, &snap.config, id, &actor).await?;
             Ok(json_response(StatusCode::CREATED, with_key(&record, &token)))
         }
         _ => Err(not_found()),
     }
 }
 
-/// A key may only issue keys for its own organisation and tier, with scopes it holds itself:
-/// the API must not be a way to escalate privileges.
+/// The new key's spec: the caller's organisation, its tier unless another is asked for (which
+/// `manage::create` then refuses with 403, as it refuses scopes the caller lacks: the API must
+/// not be a way to escalate privileges).
 fn create_spec(snap: &Snapshot, caller: &Principal, body: CreateBody) -> Result<NewKeySpec, Error> {
     let scopes =
         crate::keys::normalize_scopes(body.scopes.iter().map(String::as_str)).map_err(Error::BadRequest)?;
-    if let Some(missing) = scopes.iter().find(|s| !caller.scopes.contains(s)) {
-        return Err(Error::Forbidden { required: missing.clone(), current: caller.scopes.clone() });
-    }
-    if let Some(tier) = &body.tier {
-        if *tier != caller.tier {
-            return Err(Error::BadRequest(format!(
-                "Keys created through the API inherit the caller's tier `{}`; `{tier}` can only be set with the CLI.",
-                caller.tier
-            )));
-        }
-    }
     let expires_in = match &body.expires_in {
         None => None,
         Some(s) => Some(parse_duration(s).map_err(|e| Error::BadRequest(format!("expires_in: {e}")))?),
@@ -146,7 +144,7 @@ fn create_spec(snap: &Snapshot, caller: &Principal, body: CreateBody) -> Result<
     }
     Ok(NewKeySpec {
         org: caller.org.to_string(),
-        tier: caller.tier.clone(),
+        tier: body.tier.unwrap_or_else(|| caller.tier.clone()),
         scopes,
         name: body.name,
         workspace,

@@ -127,7 +127,7 @@ fn keys(path: Option<PathBuf>, command: KeysCommand) -> Result<ExitCode, String>
 }
 
 async fn run_keys(config: Config, command: KeysCommand) -> Result<ExitCode, String> {
-    use tollgate::manage::{self, NewKeySpec};
+    use tollgate::manage::{self, Actor, NewKeySpec};
     let store = tollgate::store::open(&config.store).await.map_err(|e| format!("store.sqlite: {e}"))?;
     let store = store.as_ref();
     let err = |e: manage::ManageError| e.to_string();
@@ -154,11 +154,12 @@ async fn run_keys(config: Config, command: KeysCommand) -> Result<ExitCode, Stri
                 .map(|s| tollgate::config::parse_duration(&s).map_err(|e| format!("--expires-in: {e}")))
                 .transpose()?;
             let spec = NewKeySpec { org, tier, scopes, name, workspace, expires_in };
-            let (record, token) = manage::create(store, &config, spec, "cli", None).await.map_err(err)?;
+            let (record, token) =
+                manage::create(store, &config, spec, &Actor::Cli, None).await.map_err(err)?;
             print_key(&record, &token, json);
         }
         KeysCommand::Rotate { id, json } => {
-            let (record, token) = manage::rotate(store, &config, &id, "cli", None).await.map_err(err)?;
+            let (record, token) = manage::rotate(store, &config, &id, &Actor::Cli).await.map_err(err)?;
             print_key(&record, &token, json);
         }
         KeysCommand::List { org, json } => {
@@ -190,11 +191,11 @@ async fn run_keys(config: Config, command: KeysCommand) -> Result<ExitCode, Stri
             println!("{}", serde_json::to_string_pretty(&r.to_json()).unwrap_or_default());
         }
         KeysCommand::Revoke { id } => {
-            let r = manage::revoke(store, &id, "cli", None).await.map_err(err)?;
+            let r = manage::revoke(store, &id, &Actor::Cli).await.map_err(err)?;
             println!("revoked {} (restorable for {}s)", r.id, config.auth.revocation_retention.as_secs());
         }
         KeysCommand::Restore { id } => {
-            let r = manage::restore(store, &config, &id, "cli", None).await.map_err(err)?;
+            let r = manage::restore(store, &config, &id, &Actor::Cli).await.map_err(err)?;
             println!("restored {}", r.id);
         }
         KeysCommand::Audit { id, json } => {

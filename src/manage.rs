@@ -1,6 +1,6 @@
 //! Key lifecycle (§6): create, revoke, restore, rotate — each validated, stored, and written
 //! to the audit trail with its actor in the same transaction. Shared by the CLI (actor `cli`)
-//! and the HTTP API (actor: the calling key's id, confined to its organisation).
+//! and the HTTP API (actor: the calling key, confined to its organisation and to what it holds).
 
 use std::time::Duration;
 
@@ -14,8 +14,65 @@ pub enum ManageError {
     NotFound(String),
     #[error("{0}")]
     Invalid(String),
+    /// The actor would hand out a scope it does not hold.
+    #[error("a key can only issue keys with scopes it holds itself; `{scope}` is not one of them")]
+    ScopeNotHeld { scope: String, held: Vec<String> },
+    /// The actor would hand out a tier other than its own.
+    #[error("a key can only issue keys of its own tier `{held}`, not `{tier}`")]
+    TierNotHeld { tier: String, held: String },
     #[error(transparent)]
     Store(#[from] StoreError),
+}
+
+/// Who performs a lifecycle action. The operator's CLI acts on any organisation without bounds;
+/// an API key acts on its own organisation only, and every action that yields a working key
+/// (create, rotate, restore) yields one no stronger than the caller: its scopes a subset of the
+/// caller's, its tier the caller's, and no expiry later than the caller's own. Revoking only
+/// takes privilege away, so any key of the organisation may be revoked.
+#[derive(Debug, Clone, Copy)]
+pub enum Actor<'a> {
+    Cli,
+    Key { id: &'a str, org: &'a str, tier: &'a str, scopes: &'a [String], expires_at: Option<i64> },
+}
+
+impl Actor<'_> {
+    /// The name written to the audit trail.
+    pub fn name(&self) -> &str {
+        match self {
+            Actor::Cli => "cli",
+            Actor::Key { id, .. } => id,
+        }
+    }
+
+    /// The organisation the actor is confined to (`None`: all of them).
+    pub fn org(&self) -> Option<&str> {
+        match self {
+            Actor::Cli => None,
+            Actor::Key { org, .. } => Some(org),
+        }
+    }
+
+    /// Refuses a key of `tier` with `scopes` that the actor could not hold itself.
+    fn may_issue(&self, tier: &str, scopes: &[String]) -> Result<(), ManageError> {
+        let Actor::Key { tier: held_tier, scopes: held, .. } = self else {
+            return Ok(());
+        };
+        if let Some(missing) = scopes.iter().find(|s| !held.contains(s)) {
+            return Err(ManageError::ScopeNotHeld { scope: missing.clone(), held: held.to_vec() });
+        }
+        if tier != *held_tier {
+            return Err(ManageError::TierNotHeld { tier: tier.to_string(), held: held_tier.to_string() });
+        }
+        Ok(())
+    }
+
+    /// The latest expiry a key issued by this actor may have.
+    fn not_after(&self) -> Option<i64> {
+        match self {
+            Actor::Cli => None,
+            Actor::Key { expires_at, .. } => *expires_at,
+        }
+    }
 }
 
 /// What a new key is for. `org` and `tier` are checked against the config.
@@ -59,10 +116,13 @@ pub async fn create(
     store: &dyn KeyStore,
     config: &Config,
     spec: NewKeySpec,
-    actor: &str,
+    actor: &Actor<'_>,
     rotated_from: Option<&str>,
 ) -> Result<(KeyRecord, Token), ManageError> {
     check_name("organisation", &spec.org)?;
+    if actor.org().is_some_and(|o| o != spec.org) {
+        return Err(ManageError::Invalid("keys can only be issued for the caller's own organisation".into()));
+    }
     if !config.tiers.contains_key(&spec.tier) {
         let known: Vec<&str> = config.tiers.keys().map(String::as_str).collect();
         return Err(ManageError::Invalid(format!(
@@ -76,6 +136,7 @@ pub async fn create(
     check_name("workspace", &workspace)?;
     let scopes =
         keys::normalize_scopes(spec.scopes.iter().map(String::as_str)).map_err(ManageError::Invalid)?;
+    actor.may_issue(&spec.tier, &scopes)?;
     let name = spec.name.unwrap_or_default();
     if name.len() > 128 || name.chars().any(char::is_control) {
         return Err(ManageError::Invalid(
@@ -89,8 +150,13 @@ pub async fn create(
         .map_err(|e| ManageError::Invalid(e.to_string()))?
         .map_err(ManageError::Invalid)?;
     let now = clock::now_ms();
-    let expires_at =
+    let requested =
         spec.expires_in.map(|d| now.saturating_add(i64::try_from(d.as_millis()).unwrap_or(i64::MAX)));
+    // A key never outlives the key that issued it.
+    let expires_at = match (requested, actor.not_after()) {
+        (Some(r), Some(cap)) => Some(r.min(cap)),
+        (r, cap) => r.or(cap),
+    };
     let record = KeyRecord {
         id: new.id.clone(),
         name,
@@ -107,7 +173,7 @@ pub async fn create(
         rotated_from: rotated_from.map(str::to_string),
     };
     let detail = rotated_from.map(|old| format!("rotated from {old}"));
-    store.insert(&record, &audit(&record, "create", actor, now, detail)).await?;
+    store.insert(&record, &audit(&record, "create", actor.name(), now, detail)).await?;
     Ok((record, new.token))
 }
 
@@ -122,35 +188,31 @@ pub async fn fetch(store: &dyn KeyStore, id: &str, org: Option<&str>) -> Result<
 
 /// Revokes a key (reversible until the retention window ends). Revoking a revoked key is a
 /// no-op that returns the record unchanged.
-pub async fn revoke(
-    store: &dyn KeyStore,
-    id: &str,
-    actor: &str,
-    org: Option<&str>,
-) -> Result<KeyRecord, ManageError> {
-    let mut r = fetch(store, id, org).await?;
+pub async fn revoke(store: &dyn KeyStore, id: &str, actor: &Actor<'_>) -> Result<KeyRecord, ManageError> {
+    let mut r = fetch(store, id, actor.org()).await?;
     if r.revoked_at.is_some() {
         return Ok(r);
     }
     let now = clock::now_ms();
-    let e = audit(&r, "revoke", actor, now, None);
-    if !store.set_revoked(id, Some((now, actor)), &e).await? {
+    let e = audit(&r, "revoke", actor.name(), now, None);
+    if !store.set_revoked(id, Some((now, actor.name())), &e).await? {
         return Err(ManageError::NotFound(id.to_string()));
     }
     r.revoked_at = Some(now);
-    r.revoked_by = Some(actor.to_string());
+    r.revoked_by = Some(actor.name().to_string());
     Ok(r)
 }
 
-/// Restores a revoked key within `auth.revocation_retention` of its revocation.
+/// Restores a revoked key within `auth.revocation_retention` of its revocation. Restoring
+/// makes a key work again, so the actor must be able to issue it.
 pub async fn restore(
     store: &dyn KeyStore,
     config: &Config,
     id: &str,
-    actor: &str,
-    org: Option<&str>,
+    actor: &Actor<'_>,
 ) -> Result<KeyRecord, ManageError> {
-    let mut r = fetch(store, id, org).await?;
+    let mut r = fetch(store, id, actor.org()).await?;
+    actor.may_issue(&r.tier, &r.scopes)?;
     let Some(revoked_at) = r.revoked_at else {
         return Err(ManageError::Invalid(format!("key `{id}` is not revoked")));
     };
@@ -162,7 +224,7 @@ pub async fn restore(
             config.auth.revocation_retention.as_secs()
         )));
     }
-    let e = audit(&r, "restore", actor, now, None);
+    let e = audit(&r, "restore", actor.name(), now, None);
     if !store.set_revoked(id, None, &e).await? {
         return Err(ManageError::NotFound(id.to_string()));
     }
@@ -173,14 +235,14 @@ pub async fn restore(
 
 /// Creates a new key with the same organisation, workspace, tier and scopes. The old key stays
 /// valid, so the new one can be deployed before the old one is revoked (zero-downtime rotation).
+/// The new key is issued by `actor`, under the same rules as `create`.
 pub async fn rotate(
     store: &dyn KeyStore,
     config: &Config,
     id: &str,
-    actor: &str,
-    org: Option<&str>,
+    actor: &Actor<'_>,
 ) -> Result<(KeyRecord, Token), ManageError> {
-    let old = fetch(store, id, org).await?;
+    let old = fetch(store, id, actor.org()).await?;
     let remaining =
         old.expires_at.map(|e| Duration::from_millis(u64::try_from(e - clock::now_ms()).unwrap_or(0)));
     let spec = NewKeySpec {
@@ -194,7 +256,7 @@ pub async fn rotate(
     let (new, token) = create(store, config, spec, actor, Some(&old.id)).await?;
     // The old key's trail says where it went.
     store
-        .record(&audit(&old, "rotate", actor, new.created_at, Some(format!("rotated to {}", new.id))))
+        .record(&audit(&old, "rotate", actor.name(), new.created_at, Some(format!("rotated to {}", new.id))))
         .await?;
     Ok((new, token))
 }

@@ -80,7 +80,8 @@ async fn admin_keys_manage_their_own_organisation_only() {
         ),
     )
     .await;
-    assert_error(&rsp, &body, 400, "bad_request");
+    assert_error(&rsp, &body, 403, "forbidden");
+    assert_eq!(body["error"]["details"], json!({"required_tier": "enterprise", "current_tier": "audit"}));
     let (rsp, body) =
         send_json(&client, call(&tg, "POST", "/v1/keys", &admin, Some(json!({"scopes": "x"})))).await;
     assert_error(&rsp, &body, 400, "bad_request");
@@ -144,6 +145,154 @@ async fn admin_keys_manage_their_own_organisation_only() {
         ]
     );
     assert!(tg.wait_log("\"audit\"", Duration::from_secs(5)).await, "no audit log line");
+}
+
+fn scope_args<'a>(scopes: &[&'a str]) -> Vec<&'a str> {
+    scopes.iter().flat_map(|s| ["--scope", *s]).collect()
+}
+
+/// The id part of a plaintext key.
+fn id_of(key: &str) -> String {
+    key.split('_').nth(1).unwrap().to_string()
+}
+
+/// Every action of the key API that yields a working key — create, rotate, restore — yields one
+/// no stronger than its caller: for every combination of caller scopes and tiers against every
+/// target, it succeeds exactly when the target's scopes are among the caller's and its tier is
+/// the caller's; a refusal mints nothing. (Before: rotate copied the target's scopes and tier,
+/// so an `admin:keys` key of tier `audit` got a working `enterprise` `inference:write` key.)
+#[tokio::test]
+async fn create_rotate_and_restore_never_yield_more_than_the_caller_holds() {
+    let up = Upstream::start().await;
+    let generous = "{ requests_per_second: 100000, burst: 100000 }";
+    let tg = Tollgate::builder(&up.url())
+        .section("tiers", &format!("{{ audit: {generous}, enterprise: {generous} }}"))
+        .start();
+    let client = h1();
+    let tiers = ["audit", "enterprise"];
+    let caller_scopes: [&[&str]; 3] = [
+        &["admin:keys"],
+        &["admin:keys", "inference:read"],
+        &["admin:keys", "inference:read", "inference:write"],
+    ];
+    let target_scopes: [&[&str]; 4] =
+        [&["inference:read"], &["inference:write"], &["inference:read", "inference:write"], &["admin:keys"]];
+    let mut targets = Vec::new();
+    for tier in tiers {
+        for scopes in target_scopes {
+            let mut args = vec!["--org", "acme", "--tier", tier];
+            args.extend(scope_args(scopes));
+            targets.push((tier, scopes, id_of(&tg.create_key(&args))));
+        }
+    }
+    let count = |list: &serde_json::Value| list["data"].as_array().unwrap().len();
+    let mut minted = 0;
+    for caller_tier in tiers {
+        for held in caller_scopes {
+            let mut args = vec!["--org", "acme", "--tier", caller_tier];
+            args.extend(scope_args(held));
+            let caller = tg.create_key(&args);
+            let (_, before) = send_json(&client, call(&tg, "GET", "/v1/keys", &caller, None)).await;
+            for (tier, scopes, id) in &targets {
+                let allowed = *tier == caller_tier && scopes.iter().all(|s| held.contains(s));
+                let case = format!("caller {caller_tier} {held:?} → target {tier} {scopes:?}");
+                let expect = |rsp: &http::Response<()>, body: &serde_json::Value, ok: u16, action: &str| {
+                    if allowed {
+                        assert_eq!(rsp.status(), ok, "{action}, {case}: {body}");
+                    } else {
+                        assert_error(rsp, body, 403, "forbidden");
+                        let details = &body["error"]["details"];
+                        let named = details["required_scope"].as_str().is_some_and(|s| !held.contains(&s))
+                            || details["required_tier"] == *tier;
+                        assert!(named, "{action}, {case}: the refusal names nothing missing: {body}");
+                    }
+                };
+                let create = json!({"scopes": scopes, "tier": tier});
+                let (rsp, body) =
+                    send_json(&client, call(&tg, "POST", "/v1/keys", &caller, Some(create))).await;
+                expect(&rsp, &body, 201, "create");
+                if allowed {
+                    assert_eq!(
+                        (body["tier"].as_str(), body["scopes"].as_array().unwrap().len()),
+                        (Some(*tier), scopes.len())
+                    );
+                }
+                let (rsp, body) =
+                    send_json(&client, call(&tg, "POST", &format!("/v1/keys/{id}/rotate"), &caller, None))
+                        .await;
+                expect(&rsp, &body, 201, "rotate");
+                minted += 2 * usize::from(allowed);
+                // Revoking takes privilege away: any key of the organisation may be revoked.
+                let (rsp, body) =
+                    send_json(&client, call(&tg, "POST", &format!("/v1/keys/{id}/revoke"), &caller, None))
+                        .await;
+                assert_eq!(rsp.status(), 200, "revoke, {case}: {body}");
+                let (rsp, body) =
+                    send_json(&client, call(&tg, "POST", &format!("/v1/keys/{id}/restore"), &caller, None))
+                        .await;
+                expect(&rsp, &body, 200, "restore");
+                if !allowed {
+                    let (_, shown) =
+                        send_json(&client, call(&tg, "GET", &format!("/v1/keys/{id}"), &caller, None)).await;
+                    assert_eq!(shown["status"], "revoked", "restore refused, {case}, yet: {shown}");
+                }
+            }
+            let (_, after) = send_json(&client, call(&tg, "GET", "/v1/keys", &caller, None)).await;
+            assert_eq!(count(&after), count(&before) + minted, "caller {caller_tier} {held:?}: keys minted");
+            minted = 0;
+        }
+    }
+}
+
+/// A key that expires cannot issue one that outlives it, by creating or by rotating.
+#[tokio::test]
+async fn keys_issued_by_an_expiring_key_expire_with_it() {
+    let up = Upstream::start().await;
+    let tg = Tollgate::builder(&up.url()).start();
+    let client = h1();
+    let caller = tg.create_key(&[
+        "--org",
+        "acme",
+        "--tier",
+        "enterprise",
+        "--scope",
+        "admin:keys",
+        "--scope",
+        "inference:read",
+        "--expires-in",
+        "1h",
+    ]);
+    let (_, me) =
+        send_json(&client, call(&tg, "GET", &format!("/v1/keys/{}", id_of(&caller)), &caller, None)).await;
+    let cap = me["expires_at"].as_str().unwrap().to_string();
+    for body in
+        [json!({"scopes": ["inference:read"], "expires_in": "90d"}), json!({"scopes": ["inference:read"]})]
+    {
+        let (rsp, created) =
+            send_json(&client, call(&tg, "POST", "/v1/keys", &caller, Some(body.clone()))).await;
+        assert_eq!(rsp.status(), 201, "{created}");
+        assert_eq!(created["expires_at"], cap.as_str(), "{body}");
+    }
+    let (rsp, created) = send_json(
+        &client,
+        call(
+            &tg,
+            "POST",
+            "/v1/keys",
+            &caller,
+            Some(json!({"scopes": ["inference:read"], "expires_in": "10m"})),
+        ),
+    )
+    .await;
+    assert_eq!(rsp.status(), 201);
+    assert!(created["expires_at"].as_str().unwrap() < cap.as_str(), "a shorter expiry is kept: {created}");
+    // The instance's default key never expires; rotated by the expiring caller, its successor does.
+    let forever = tg.create_key(&["--org", "acme", "--tier", "enterprise", "--scope", "inference:read"]);
+    let (rsp, rotated) =
+        send_json(&client, call(&tg, "POST", &format!("/v1/keys/{}/rotate", id_of(&forever)), &caller, None))
+            .await;
+    assert_eq!(rsp.status(), 201, "{rotated}");
+    assert_eq!(rotated["expires_at"], cap.as_str());
 }
 
 #[test]
