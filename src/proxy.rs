@@ -48,8 +48,21 @@ impl Proxy {
         } else {
             String::new()
         };
-        let label = route.map(|r| r.label.clone());
         self.state.metrics.inflight.inc();
+        // Armed before the first await: if the client leaves before the response headers, hyper
+        // drops this future, and the guard still counts and logs the request (and releases the
+        // in-flight gauge) as `client_gone`.
+        let mut record = Unanswered(Some(Box::new(Record {
+            state: self.state.clone(),
+            started,
+            route: route.map(|r| r.label.clone()),
+            method,
+            path,
+            status: CLIENT_GONE_STATUS,
+            code: "client_gone",
+            request_id: request_id.clone(),
+            peer: peer.addr.ip(),
+        })));
 
         let mut quota = None;
         let (mut rsp, code) = match self.pipeline(&snap, req, &peer, &request_id, route, &mut quota).await {
@@ -61,22 +74,15 @@ impl Proxy {
         };
         // x-request-id and up to five rate-limit headers: one growth of the map, not several.
         rsp.headers_mut().reserve(6);
-        rsp.headers_mut().insert(forward::X_REQUEST_ID, request_id.clone());
+        rsp.headers_mut().insert(forward::X_REQUEST_ID, request_id);
         if let Some(q) = quota {
             q.write_headers(rsp.headers_mut());
         }
-        let status = rsp.status().as_u16();
-        rsp.body_mut().on_finish(Box::new(Record {
-            state: self.state.clone(),
-            started,
-            route: label,
-            method,
-            path,
-            status,
-            code,
-            request_id,
-            peer: peer.addr.ip(),
-        }));
+        if let Some(mut r) = record.0.take() {
+            r.status = rsp.status().as_u16();
+            r.code = code;
+            rsp.body_mut().on_finish(r);
+        }
         rsp
     }
 
@@ -170,6 +176,21 @@ fn check_header_size(headers: &HeaderMap, limit: usize) -> Result<(), Error> {
         return Err(Error::HeadersTooLarge { limit });
     }
     Ok(())
+}
+
+/// The status logged for a request whose client left before its response headers (nginx's
+/// "client closed request"): no response was sent, so no real status applies.
+const CLIENT_GONE_STATUS: u16 = 499;
+
+/// A request's record until its response exists; dropped unanswered, it reports the request.
+struct Unanswered(Option<Box<Record>>);
+
+impl Drop for Unanswered {
+    fn drop(&mut self) {
+        if let Some(r) = self.0.take() {
+            r.finish(0, End::ClientGone);
+        }
+    }
 }
 
 /// Everything the access log and the request metrics need, recorded when the body ends.

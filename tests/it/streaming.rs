@@ -72,23 +72,52 @@ async fn sse_events_arrive_one_by_one_over_h2c() {
     sse_arrives_event_by_event(h2c()).await;
 }
 
+/// Five clients leave before their response headers: each upstream request is cancelled, and
+/// each request is still counted and logged once (status 499, `client_gone`), leaving the
+/// in-flight gauge at zero. (Before: gauge 5, not counted, not logged.)
 #[tokio::test]
-async fn a_client_that_leaves_before_headers_cancels_the_upstream_request() {
+async fn clients_that_leave_before_headers_cancel_the_upstream_and_are_counted_and_logged() {
     let up = Upstream::start().await;
-    let tg = Tollgate::builder(&up.url()).start();
-    let req = format!(
-        "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {}\r\nx-mock: hang\r\ncontent-length: 2\r\n\r\n{{}}",
-        tg.key
-    );
-    let mut s = tokio::net::TcpStream::connect(tg.addr).await.unwrap();
-    tokio::io::AsyncWriteExt::write_all(&mut s, req.as_bytes()).await.unwrap();
-    assert!(up.wait_for("hang_started", Duration::from_secs(5)).await);
-    drop(s);
-    assert!(
-        up.wait_for("hang_cancelled", Duration::from_secs(5)).await,
-        "the upstream request outlived its client: {:?}",
+    let tg = Tollgate::builder(&up.url()).section("log", "{ format: json, level: info }").start();
+    for n in 0..5 {
+        let req = format!(
+            "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {}\r\nx-mock: hang\r\nx-request-id: gone-{n}\r\ncontent-length: 2\r\n\r\n{{}}",
+            tg.key
+        );
+        let mut s = tokio::net::TcpStream::connect(tg.addr).await.unwrap();
+        tokio::io::AsyncWriteExt::write_all(&mut s, req.as_bytes()).await.unwrap();
+        let started = up.events().iter().filter(|e| *e == "hang_started").count();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while up.events().iter().filter(|e| *e == "hang_started").count() == started
+            && Instant::now() < deadline
+        {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        drop(s);
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while up.events().iter().filter(|e| *e == "hang_cancelled").count() < 5 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        up.events().iter().filter(|e| *e == "hang_cancelled").count(),
+        5,
+        "upstream requests outlived their clients: {:?}",
         up.events()
     );
+    assert!(tg.wait_log("gone-4", Duration::from_secs(5)).await, "no access line for the last request");
+    assert_eq!(tg.metric("tollgate_inflight_requests").await, Some(0.0));
+    let series = r#"tollgate_requests_total{code="client_gone",method="POST",route="/v1/chat/completions",status="499"}"#;
+    assert_eq!(tg.metric(series).await, Some(5.0));
+    let logs = tg.logs();
+    for n in 0..5 {
+        let line = logs
+            .lines()
+            .find(|l| l.contains("\"access\"") && l.contains(&format!("gone-{n}")))
+            .unwrap_or_else(|| panic!("no access line for request {n}"));
+        let v: serde_json::Value = serde_json::from_str(line).unwrap();
+        assert_eq!((v["status"].as_u64(), v["end"].as_str()), (Some(499), Some("client_gone")), "{line}");
+    }
 }
 
 async fn leaving_mid_stream_cancels(client: TestClient) {
