@@ -20,6 +20,10 @@ pub enum Error {
     #[error("API keys must be sent in the Authorization header, not in the URL (query parameter `{param}`). Remove it from the URL and rotate the key: URLs end up in logs.")]
     KeyInUrl { param: String },
 
+    /// A path segment with the shape of one of our keys.
+    #[error("API keys must be sent in the Authorization header, not in the URL (a path segment has the shape of an API key). Remove it from the URL and rotate the key: URLs end up in logs.")]
+    KeyInPath,
+
     /// A request target that could route differently here and upstream (dot segments, encoded
     /// slashes, absolute-form aimed elsewhere…). Rejected, never normalised.
     #[error("{0}")]
@@ -70,7 +74,7 @@ pub enum Error {
 impl Error {
     pub fn status(&self) -> StatusCode {
         match self {
-            Error::KeyInUrl { .. } | Error::BadRequest(_) => StatusCode::BAD_REQUEST,
+            Error::KeyInUrl { .. } | Error::KeyInPath | Error::BadRequest(_) => StatusCode::BAD_REQUEST,
             Error::Unauthorized { .. } => StatusCode::UNAUTHORIZED,
             Error::Forbidden { .. } | Error::TierForbidden { .. } => StatusCode::FORBIDDEN,
             Error::NotFound { .. } | Error::KeyNotFound(_) => StatusCode::NOT_FOUND,
@@ -86,7 +90,7 @@ impl Error {
     /// The stable snake_case code: the `code` of the body, `x-tollgate-error` and the metric label.
     pub fn code(&self) -> &'static str {
         match self {
-            Error::KeyInUrl { .. } => "key_in_url",
+            Error::KeyInUrl { .. } | Error::KeyInPath => "key_in_url",
             Error::BadRequest(_) => "bad_request",
             Error::Unauthorized { .. } => "unauthorized",
             Error::Forbidden { .. } | Error::TierForbidden { .. } => "forbidden",
@@ -104,6 +108,7 @@ impl Error {
     fn kind(&self) -> &'static str {
         match self {
             Error::KeyInUrl { .. }
+            | Error::KeyInPath
             | Error::BadRequest(_)
             | Error::NotFound { .. }
             | Error::KeyNotFound(_)
@@ -120,7 +125,8 @@ impl Error {
 
     fn details(&self) -> Value {
         match self {
-            Error::KeyInUrl { param } => json!({ "parameter": param }),
+            Error::KeyInUrl { param } => json!({ "location": "query", "parameter": param }),
+            Error::KeyInPath => json!({ "location": "path" }),
             Error::Forbidden { required, current } => {
                 json!({ "required_scope": required, "current_scope": current })
             }

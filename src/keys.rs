@@ -61,6 +61,20 @@ fn is_base62(s: &str) -> bool {
     s.bytes().all(|b| b.is_ascii_alphanumeric())
 }
 
+/// Whether `s` has the shape of one of our keys — `{prefix}_`, a base62 id, `_`, and a long
+/// base62 tail — whatever its checksum (a mistyped key pasted into a URL is still a secret).
+/// Strict enough that a model named `tg_llama` is not taken for a key.
+pub fn looks_like_key(prefix: &str, s: &str) -> bool {
+    let Some(rest) = s.strip_prefix(prefix).and_then(|r| r.strip_prefix('_')) else {
+        return false;
+    };
+    let Some((id, tail)) = rest.split_at_checked(ID_LEN) else {
+        return false;
+    };
+    let tail = tail.strip_prefix('_').unwrap_or("");
+    is_base62(id) && tail.len() >= SECRET_LEN / 2 && is_base62(tail)
+}
+
 /// Parses `{prefix}_{id}_{secret}{checksum}` strictly: exact prefix, exact lengths, base62 only,
 /// and a matching checksum.
 pub fn parse<'a>(prefix: &str, token: &'a str) -> Result<Parsed<'a>, Malformed> {

@@ -110,7 +110,9 @@ impl Proxy {
             self.state.auth.authenticate(auth, req.headers(), peer.addr.ip(), &self.state.metrics).await?;
         let route = route.ok_or_else(|| Error::NotFound {
             method: req.method().to_string(),
-            path: req.uri().path().to_string(),
+            // Key-shaped segments were refused above; anything else starting like a key is
+            // still not echoed.
+            path: redact_keys(req.uri().path(), &auth.key_prefix),
         })?;
         route.check(principal.scopes())?;
         match snap.limiter.check_shared(&principal.key_id, &principal.org, &principal.tier) {

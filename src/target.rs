@@ -11,9 +11,21 @@ use crate::error::Error;
 /// Query parameter names that carry keys in the wild (compared case-insensitively, decoded).
 const KEY_PARAMS: &[&str] = &["api_key", "apikey", "api-key", "key", "access_token", "token"];
 
-/// Refuses a key-like query parameter (400 `key_in_url`): a parameter with a key-carrying name,
-/// or any parameter whose value starts like one of our keys (`{prefix}_`).
+/// Refuses a key in the URL (400 `key_in_url`): a query parameter with a key-carrying name, any
+/// parameter whose value starts like one of our keys (`{prefix}_`), or a path segment with the
+/// shape of one of our keys (which would otherwise be forwarded, and echoed in a 404).
 pub fn reject_key_in_url(uri: &Uri, prefix: &str) -> Result<(), Error> {
+    // Cheap first: a key needs `{prefix}_` somewhere in the path.
+    let path = uri.path();
+    if path.len() > prefix.len() && path.contains(prefix) {
+        for segment in path.split('/') {
+            if crate::keys::looks_like_key(prefix, segment)
+                || (segment.contains('%') && crate::keys::looks_like_key(prefix, &decode_component(segment)))
+            {
+                return Err(Error::KeyInPath);
+            }
+        }
+    }
     let Some(query) = uri.query() else {
         return Ok(());
     };
@@ -56,6 +68,9 @@ fn check_path(path: &str) -> Result<(), &'static str> {
     while i < bytes.len() {
         match bytes[i] {
             b'\\' => return Err("backslashes are not allowed in the path"),
+            // Servlet containers strip `;params` from segments, so `/v1/models/..;/keys` is
+            // `/v1/keys` to them; no OpenAI-style route has path parameters.
+            b';' => return Err("path parameters (`;`) are not allowed in the path"),
             b'%' => {
                 let hex = |b: Option<&u8>| b.and_then(|b| (*b as char).to_digit(16));
                 let (Some(hi), Some(lo)) = (hex(bytes.get(i + 1)), hex(bytes.get(i + 2))) else {
@@ -71,6 +86,9 @@ fn check_path(path: &str) -> Result<(), &'static str> {
                 }
                 if matches!(decoded, b'/' | b'\\') {
                     return Err("encoded slashes are not allowed in the path");
+                }
+                if decoded == b';' {
+                    return Err("path parameters (`;`) are not allowed in the path");
                 }
                 if decoded < 0x20 || decoded == 0x7f {
                     return Err("encoded control characters are not allowed in the path");
@@ -148,6 +166,31 @@ mod tests {
     }
 
     #[test]
+    fn keys_in_the_path_are_refused() {
+        let key = crate::keys::assemble("tg", "abcdefABCDEF", &"s".repeat(crate::keys::SECRET_LEN));
+        let mistyped = format!("{}x", &key[..key.len() - 1]);
+        let encoded = key.replace('_', "%5F");
+        for p in [
+            format!("/v1/models/{key}"),
+            format!("/{key}/v1/models"),
+            format!("/v1/{mistyped}"),
+            format!("/v1/{encoded}"),
+        ] {
+            let e = reject_key_in_url(&p.parse().unwrap(), "tg").unwrap_err();
+            assert_eq!(e, Error::KeyInPath, "{p}");
+            assert!(!String::from_utf8_lossy(&e.body()).contains(&key[3..]), "the error echoes the key");
+        }
+        for p in [
+            "/v1/models/tg_llama",
+            "/v1/models/tg_abcdefABCDEF",
+            "/v1/models/tg_abcdefABCDEF_short",
+            "/v1/models/xtg",
+        ] {
+            assert!(reject_key_in_url(&p.parse().unwrap(), "tg").is_ok(), "{p}");
+        }
+    }
+
+    #[test]
     fn path_tricks_are_rejected() {
         for t in [
             "/v1/../v1/keys",
@@ -163,6 +206,12 @@ mod tests {
             "/v1/models%00",
             "/v1/models%zz",
             "/v1/models%2",
+            "/v1/models/..;/keys",
+            "/v1/models/.;/x",
+            "/v1/models/..;x/keys",
+            "/v1/chat/completions;jsessionid=1",
+            "/v1/models/..%3b/keys",
+            "/v1/models/..%3B/keys",
         ] {
             let e = target(t).unwrap_err();
             assert_eq!(e.code(), "bad_request", "{t}");

@@ -134,6 +134,22 @@ async fn unmatched_routes_and_keys_in_urls_are_refused_before_the_upstream() {
     assert_error(&rsp, &body, 400, "key_in_url");
     assert_eq!(body["error"]["details"]["parameter"], "api_key");
     assert!(!tg.logs().contains("tg_abc"), "the query string must not be logged");
+
+    // A key in the path (before: forwarded upstream, and echoed in the 404 body).
+    let secret = tg.key.rsplit('_').next().unwrap();
+    for path in
+        [format!("/v1/models/{}", tg.key), format!("/{}/v1/models", tg.key), format!("/v2/{}", tg.key)]
+    {
+        let (rsp, body) = send_json(&client, tg.get(&path).body(Full::default()).unwrap()).await;
+        assert_error(&rsp, &body, 400, "key_in_url");
+        assert_eq!(body["error"]["details"]["location"], "path");
+        assert!(!body.to_string().contains(secret), "the error echoes the key: {body}");
+    }
+    // Not key-shaped, yet starting like one: not refused, and not echoed either.
+    let (rsp, body) = send_json(&client, tg.get("/v2/tg_abc").body(Full::default()).unwrap()).await;
+    assert_error(&rsp, &body, 404, "not_found");
+    assert_eq!(body["error"]["message"], "No route matches GET /v2/<redacted>.");
+    assert!(!tg.logs().contains(secret), "a secret reached the logs");
     assert!(up.requests().is_empty(), "nothing reached the upstream");
 }
 
@@ -149,6 +165,11 @@ async fn path_tricks_never_reach_the_upstream() {
         "/v1/./models",
         "/v1//models",
         "/v1/%6dodels",
+        "/v1/models/..;/keys",
+        "/v1/models/..;x/keys",
+        "/v1/models/.;/gpt",
+        "/v1/models;a=b",
+        "/v1/models/..%3B/keys",
     ] {
         // Sent raw over TCP: HTTP client libraries would normalise some of these themselves.
         let raw =
