@@ -69,6 +69,11 @@ pub enum Error {
 
     #[error("The upstream server sent no response headers within {}s.", .after.as_secs_f64())]
     UpstreamTimeout { after: Duration },
+
+    /// The client stopped sending its request body mid-way for `stream_idle_timeout`: the
+    /// client's fault, not the upstream's.
+    #[error("The request body stalled: nothing was received for {}s. Send the whole body without pausing.", after.as_secs())]
+    RequestTimeout { after: Duration },
 }
 
 impl Error {
@@ -84,6 +89,7 @@ impl Error {
             Error::UpstreamUnavailable { .. } => StatusCode::BAD_GATEWAY,
             Error::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             Error::UpstreamTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
+            Error::RequestTimeout { .. } => StatusCode::REQUEST_TIMEOUT,
         }
     }
 
@@ -101,6 +107,7 @@ impl Error {
             Error::UpstreamUnavailable { .. } => "upstream_unavailable",
             Error::Unavailable(_) => "unavailable",
             Error::UpstreamTimeout { .. } => "upstream_timeout",
+            Error::RequestTimeout { .. } => "request_timeout",
         }
     }
 
@@ -113,7 +120,8 @@ impl Error {
             | Error::NotFound { .. }
             | Error::KeyNotFound(_)
             | Error::PayloadTooLarge { .. }
-            | Error::HeadersTooLarge { .. } => "invalid_request_error",
+            | Error::HeadersTooLarge { .. }
+            | Error::RequestTimeout { .. } => "invalid_request_error",
             Error::Unauthorized { .. } => "authentication_error",
             Error::Forbidden { .. } | Error::TierForbidden { .. } => "permission_error",
             Error::RateLimited { .. } => "rate_limit_error",
@@ -138,7 +146,9 @@ impl Error {
             Error::RateLimited { limit, tier, retry_after, .. } => {
                 json!({ "limit": limit, "tier": tier, "retry_after_seconds": retry_after })
             }
-            Error::UpstreamTimeout { after } => json!({ "timeout_seconds": after.as_secs_f64() }),
+            Error::UpstreamTimeout { after } | Error::RequestTimeout { after } => {
+                json!({ "timeout_seconds": after.as_secs_f64() })
+            }
             _ => json!({}),
         }
     }

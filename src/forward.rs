@@ -286,9 +286,18 @@ pub async fn send(
     let rsp = match result {
         Err(_) => return Err((Error::UpstreamTimeout { after: up.timeout }, Some(Failure::Timeout))),
         Ok(Err(e)) => {
+            // The request body's own fault, if it failed, is the client's: never counted as an
+            // upstream error (any client could otherwise fire the upstream alert).
             return Err(match flag.get() {
                 Some(Stop::TooLarge) => (Error::PayloadTooLarge { limit: up.max_body_bytes }, None),
-                _ => match e {
+                Some(Stop::Idle) => (Error::RequestTimeout { after: up.idle }, None),
+                Some(Stop::Broken) => (
+                    Error::BadRequest(
+                        "The request body could not be read: its chunked encoding was malformed or the client broke the stream mid-body.".into(),
+                    ),
+                    None,
+                ),
+                None => match e {
                     SendError::Connect(reason) => {
                         tracing::debug!(%reason, "cannot connect to the upstream");
                         (Error::UpstreamUnavailable { kind: "connect" }, Some(Failure::Connect))
@@ -298,7 +307,7 @@ pub async fn send(
                         (Error::UpstreamUnavailable { kind: "reset" }, Some(Failure::Reset))
                     }
                 },
-            })
+            });
         }
         Ok(Ok(rsp)) => rsp,
     };

@@ -241,6 +241,43 @@ async fn oversized_headers_and_bodies_get_431_and_413() {
     assert_eq!(rsp.status(), 200);
 }
 
+/// A malformed chunked body and a body that stalls mid-way are the client's faults: 400 and 408
+/// in JSON, and the upstream error counter stays at zero. (Before: 502 `upstream_unavailable` and
+/// `tollgate_upstream_errors_total{kind="reset"}`, so any client could fire the upstream alert.)
+#[tokio::test]
+async fn client_body_faults_are_the_clients_not_the_upstreams() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let up = Upstream::start().await;
+    let tg = Tollgate::builder(&up.url()).section("limits", "{ stream_idle_timeout: 1s }").start();
+    let head = |framing: &str| {
+        format!(
+            "POST /v1/embeddings HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {}\r\n{framing}\r\n\r\n",
+            tg.key
+        )
+    };
+    let malformed = head("Transfer-Encoding: chunked") + "5\r\nhello\r\nZZ\r\n";
+    let raw = raw_request(tg.addr, &malformed).await;
+    assert!(raw.starts_with("HTTP/1.1 400"), "{raw}");
+    assert!(
+        raw.contains("\"code\":\"bad_request\"") && raw.contains("request body could not be read"),
+        "{raw}"
+    );
+
+    // Ten of a hundred bytes, then nothing: the connection stays open, the body stalls.
+    let mut s = tokio::net::TcpStream::connect(tg.addr).await.unwrap();
+    s.write_all((head("Content-Length: 100") + "0123456789").as_bytes()).await.unwrap();
+    let mut out = vec![0; 4096];
+    let n = tokio::time::timeout(Duration::from_secs(10), s.read(&mut out)).await.expect("answered").unwrap();
+    let raw = String::from_utf8_lossy(&out[..n]);
+    assert!(raw.starts_with("HTTP/1.1 408"), "{raw}");
+    assert!(raw.contains("\"code\":\"request_timeout\""), "{raw}");
+
+    assert_eq!(tg.metric("tollgate_upstream_errors_total{kind=\"reset\"}").await, None);
+    assert_eq!(tg.metric("tollgate_upstream_errors_total{kind=\"timeout\"}").await, None);
+    let series = r#"tollgate_requests_total{code="request_timeout",method="POST",route="/v1/embeddings",status="408"}"#;
+    assert_eq!(tg.metric(series).await, Some(1.0));
+}
+
 pub struct Iter(std::vec::IntoIter<Bytes>);
 impl futures_core::Stream for Iter {
     type Item = Result<hyper::body::Frame<Bytes>, std::io::Error>;
