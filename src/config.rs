@@ -307,9 +307,9 @@ pub struct RouteRule {
 
 impl Default for Config {
     fn default() -> Self {
-        // The embedded defaults of SPEC §9. Validating an empty document is the single source of
-        // truth for them, so `Default` can never drift from what an empty file means.
-        match Config::from_yaml("", "<embedded defaults>") {
+        // The embedded defaults of SPEC §9. Validating an empty mapping is the single source of
+        // truth for them, so `Default` can never drift from what `{}` in a file means.
+        match Config::from_yaml("{}", "<embedded defaults>") {
             Ok(c) => c,
             // An empty document has no fields that can be wrong; reaching this is a bug in the
             // defaults below, caught by the `defaults_are_valid` test.
@@ -332,21 +332,26 @@ impl Config {
     /// Parses and validates YAML text. `source_name` is only used in the error.
     pub fn from_yaml(text: &str, source_name: &str) -> Result<Config, ConfigError> {
         let fail = |problems| ConfigError { source_name: source_name.to_string(), problems };
-        // An empty (or comments-only) file is the embedded defaults.
+        // An empty (or comments-only) file is an error, not the embedded defaults: it is what a
+        // reload sees when it catches a file being rewritten, or an operator's mistake, and as
+        // the defaults it would drop every custom tier and upstream. `{}` asks for the defaults.
         let is_empty = text.lines().all(|l| l.trim().is_empty() || l.trim_start().starts_with('#'));
+        if is_empty {
+            return Err(fail(vec![Problem {
+                path: String::new(),
+                message: "the file is empty; write `{}` for the embedded defaults, or run without --config"
+                    .into(),
+            }]));
+        }
         let mut unknown = Vec::new();
-        let raw: RawConfig = if is_empty {
-            RawConfig::default()
-        } else {
-            let de = serde_yaml::Deserializer::from_str(text);
-            serde_ignored::deserialize(de, |path| {
-                // serde_ignored marks `Option` layers with a `?` segment; users never see them.
-                let path = path.to_string();
-                let path = path.split('.').filter(|s| *s != "?").collect::<Vec<_>>().join(".");
-                unknown.push(Problem { path, message: "unknown field".into() })
-            })
-            .map_err(|e| fail(vec![Problem { path: String::new(), message: e.to_string() }]))?
-        };
+        let de = serde_yaml::Deserializer::from_str(text);
+        let raw: RawConfig = serde_ignored::deserialize(de, |path| {
+            // serde_ignored marks `Option` layers with a `?` segment; users never see them.
+            let path = path.to_string();
+            let path = path.split('.').filter(|s| *s != "?").collect::<Vec<_>>().join(".");
+            unknown.push(Problem { path, message: "unknown field".into() })
+        })
+        .map_err(|e| fail(vec![Problem { path: String::new(), message: e.to_string() }]))?;
         let mut v = Validator { problems: unknown };
         let config = v.config(raw);
         if v.problems.is_empty() {
@@ -866,8 +871,16 @@ mod tests {
     use super::*;
 
     #[test]
+    fn an_empty_file_is_an_error_not_the_defaults() {
+        for text in ["", "\n  \n", "# only a comment\n"] {
+            let e = Config::from_yaml(text, "t").unwrap_err();
+            assert!(e.to_string().contains("the file is empty"), "{text:?}: {e}");
+        }
+    }
+
+    #[test]
     fn defaults_are_valid_and_match_the_contract() {
-        let c = Config::from_yaml("", "t").unwrap();
+        let c = Config::from_yaml("{}", "t").unwrap();
         assert_eq!(c.listen.to_string(), "0.0.0.0:8080");
         assert_eq!(c.admin_listen.to_string(), "0.0.0.0:9090");
         assert_eq!(c.upstream.url.to_string(), "http://127.0.0.1:8000/");

@@ -5,6 +5,11 @@
 //! Files are polled (content compared every `POLL`) rather than watched with inotify: Kubernetes
 //! updates ConfigMap and Secret volumes by swapping a symlink, which inotify watches on the file
 //! miss, and a one-second poll of two small files costs nothing.
+//!
+//! A changed config file is applied only once it has read the same on two consecutive polls: an
+//! editor or `cp` caught mid-write leaves a truncated file that may still parse (a `tiers` map
+//! cut short), and applying it would drop what was cut. SIGHUP applies at once: the operator
+//! says the file is complete.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -24,6 +29,8 @@ pub struct Reloader {
     certs: Option<Arc<Certificates>>,
     log_level: Option<LogLevelHook>,
     config_seen: Option<Vec<u8>>,
+    /// A changed config file's content, waiting to read the same once more before it applies.
+    config_settling: Option<Vec<u8>>,
     tls_seen: Option<(Vec<u8>, Vec<u8>)>,
 }
 
@@ -35,7 +42,7 @@ impl Reloader {
     ) -> Reloader {
         let config_seen = state.config_path.as_deref().and_then(|p| std::fs::read(p).ok());
         let tls_seen = state.snapshot().config.tls.as_ref().and_then(read_tls);
-        Reloader { state, certs, log_level, config_seen, tls_seen }
+        Reloader { state, certs, log_level, config_seen, config_settling: None, tls_seen }
     }
 
     /// Runs until the process ends.
@@ -64,11 +71,16 @@ impl Reloader {
         let mut swapped = false;
         if let Some(path) = self.state.config_path.clone() {
             let now = std::fs::read(&path).ok();
-            if forced || (now.is_some() && now != self.config_seen) {
+            let changed = now.is_some() && now != self.config_seen;
+            let settled = changed && now == self.config_settling;
+            if forced || settled {
+                self.config_settling = None;
                 if now.is_some() {
                     self.config_seen = now;
                 }
                 swapped = self.reload_config(&path);
+            } else {
+                self.config_settling = if changed { now } else { None };
             }
         } else if forced {
             tracing::info!("SIGHUP ignored: running on the embedded defaults (no config file)");

@@ -36,4 +36,12 @@ fn serve_refuses_a_bad_config_before_binding() {
     let out = Command::new(BIN).args(["serve", "--config"]).arg(&path).output().unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("limits.max_body_bytes"));
+
+    // An empty file is a mistake, not a request for the embedded defaults.
+    std::fs::write(&path, "\n# nothing here\n").unwrap();
+    for cmd in ["serve", "check"] {
+        let out = Command::new(BIN).args([cmd, "--config"]).arg(&path).output().unwrap();
+        assert!(!out.status.success(), "{cmd} accepted an empty file");
+        assert!(String::from_utf8_lossy(&out.stderr).contains("the file is empty"), "{cmd}");
+    }
 }

@@ -42,6 +42,76 @@ async fn a_broken_reload_keeps_the_old_config_and_a_good_one_applies() {
     }
 }
 
+/// An empty file, and a file caught mid-write, are never applied: custom tiers and the upstream
+/// stay. (Before: the 1 s poll loaded an empty file as the embedded defaults: the custom tier
+/// vanished, its keys got 429, the upstream became 127.0.0.1:8000.)
+#[tokio::test]
+async fn an_empty_or_half_written_config_file_is_never_applied() {
+    let up = Upstream::start().await;
+    let builder =
+        Tollgate::builder(&up.url()).section("tiers", "{ gold: { requests_per_second: 1000, burst: 1000 }, enterprise: { requests_per_second: 1000, burst: 1000 } }");
+    let tg = builder.start();
+    let original = std::fs::read_to_string(&tg.config).unwrap();
+    let gold = tg.create_key(&["--org", "acme", "--tier", "gold", "--scope", "inference:read"]);
+    let client = h1();
+    let models = || {
+        get(&tg.url("/v1/models"))
+            .header("authorization", format!("Bearer {gold}"))
+            .body(Full::default())
+            .unwrap()
+    };
+    assert_eq!(send(&client, models()).await.status(), 200);
+
+    // Requests all along: every one is served by the gold tier and the real upstream.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let prober = {
+        let (stop, client, url, gold) = (stop.clone(), client.clone(), tg.url("/v1/models"), gold.clone());
+        tokio::spawn(async move {
+            let mut statuses = Vec::new();
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let req = get(&url)
+                    .header("authorization", format!("Bearer {gold}"))
+                    .body(Full::default())
+                    .unwrap();
+                statuses.push(send(&client, req).await.status().as_u16());
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            statuses
+        })
+    };
+
+    std::fs::write(&tg.config, "").unwrap();
+    assert!(tg.wait_log("the file is empty", Duration::from_secs(10)).await, "{}", tg.logs());
+    assert_eq!(tg.metric("tollgate_config_reloads_total{result=\"success\"}").await.unwrap_or(0.0), 0.0);
+
+    // Half a file (it still parses: the upstream and tiers are cut off), completed 900 ms later
+    // with one change: only the completed file applies. The poll that logged the empty file
+    // was just now, so the half file, written 300 ms after it, is read by the next poll; it is
+    // never read twice, as polls are 1 s apart.
+    let cut = original.find("tiers:").unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    std::fs::write(&tg.config, &original[..cut]).unwrap();
+    tokio::time::sleep(Duration::from_millis(900)).await;
+    std::fs::write(&tg.config, format!("{original}default_scope: inference:read\n")).unwrap();
+    assert!(tg.wait_log("config reloaded", Duration::from_secs(10)).await);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(tg.metric("tollgate_config_reloads_total{result=\"success\"}").await, Some(1.0));
+    // The completed file's change is in force: an unmatched path now needs inference:read.
+    let (rsp, _) = send_json(
+        &client,
+        get(&tg.url("/v2/anything"))
+            .header("authorization", format!("Bearer {gold}"))
+            .body(Full::default())
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(rsp.status(), 200);
+
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let statuses = prober.await.unwrap();
+    assert!(statuses.len() > 20 && statuses.iter().all(|s| *s == 200), "{statuses:?}");
+}
+
 #[tokio::test]
 async fn sigterm_mid_stream_lets_the_stream_finish_then_exits_zero() {
     let up = Upstream::start().await;
