@@ -205,7 +205,14 @@ pub struct Authenticator {
     /// second instead of `failed_auth.per_second`).
     verifying: Mutex<HashMap<IpAddr, Arc<tokio::sync::Semaphore>>>,
     verifier_threads: usize,
+    /// The changes applied to the cache, by key id: the time of the latest one. The poll reads
+    /// changes with an overlap, so one change is seen up to three times; each costs a new
+    /// Argon2id verification of a key in use, so it is applied once.
+    applied: Mutex<HashMap<String, i64>>,
 }
+
+/// Changes are read with an overlap, so that a write racing the previous poll is not missed.
+const CHANGE_OVERLAP_MS: i64 = 2_000;
 
 impl Authenticator {
     pub fn new(store: Arc<dyn KeyStore>, cfg: &config::Auth) -> Result<Authenticator, String> {
@@ -234,6 +241,7 @@ impl Authenticator {
             blocked: Cache::builder().max_capacity(100_000).time_to_live(Duration::from_secs(3600)).build(),
             verifying: Mutex::new(HashMap::new()),
             verifier_threads: cores,
+            applied: Mutex::new(HashMap::new()),
         })
     }
 
@@ -386,6 +394,41 @@ impl Authenticator {
         self.cache.retain(|_, c| c.entry.key_id() != Some(key_id));
     }
 
+    /// Applies the change of key `id` that the store stamped `at`: its cached outcomes are
+    /// dropped, once per change however often it is seen. A different stamp is a new change
+    /// even when it is older (writers' clocks may disagree). Returns whether it was new.
+    pub fn apply_change(&self, id: &str, at: i64) -> bool {
+        if !self.note_change(id, at) {
+            return false;
+        }
+        self.invalidate(id);
+        true
+    }
+
+    /// Records a change as applied without evicting anything (a key created here: nothing can
+    /// be cached for it). Returns whether it was new.
+    pub fn note_change(&self, id: &str, at: i64) -> bool {
+        let mut applied = self.applied.lock().unwrap_or_else(|e| e.into_inner());
+        if applied.get(id) == Some(&at) {
+            return false;
+        }
+        applied.insert(id.to_string(), at);
+        true
+    }
+
+    /// One poll of the store for changes made elsewhere since `since`; returns where the next
+    /// poll starts (with the overlap).
+    pub async fn poll_changes(&self, since: i64) -> Result<i64, StoreError> {
+        let now = clock::now_ms();
+        for (id, at) in self.store.changed_since(since).await? {
+            self.apply_change(&id, at);
+        }
+        let next = now - CHANGE_OVERLAP_MS;
+        // Older changes are not returned by any later poll: nothing to remember them for.
+        self.applied.lock().unwrap_or_else(|e| e.into_inner()).retain(|_, at| *at >= next);
+        Ok(next)
+    }
+
     /// Milliseconds since this authenticator started (monotonic).
     fn clock_ms(&self) -> u64 {
         millis(self.epoch.elapsed())
@@ -522,22 +565,15 @@ fn bearer(headers: &HeaderMap) -> Result<&str, Reason> {
 pub async fn maintain(auth: Arc<Authenticator>, state: Arc<crate::state::State>) {
     const FLUSH_EVERY: Duration = Duration::from_secs(10);
     const PURGE_EVERY: Duration = Duration::from_secs(3600);
-    // Changes are read with an overlap, so that a write racing the previous poll is not missed.
-    const OVERLAP_MS: i64 = 2_000;
-    let mut since = clock::now_ms() - OVERLAP_MS;
+    let mut since = clock::now_ms() - CHANGE_OVERLAP_MS;
     let mut last_flush = Instant::now();
     let mut last_purge: Option<Instant> = None;
     loop {
         let cfg = state.snapshot().config.auth.clone();
         tokio::time::sleep(cfg.revocation_poll).await;
         let now = clock::now_ms();
-        match auth.store.changed_since(since).await {
-            Ok(ids) => {
-                for id in &ids {
-                    auth.invalidate(id);
-                }
-                since = now - OVERLAP_MS;
-            }
+        match auth.poll_changes(since).await {
+            Ok(next) => since = next,
             Err(e) => tracing::warn!(error = %e, "cannot poll the key store for revocations"),
         }
         // sqlx starts a SQLite worker thread per connection, on demand: found by name.
@@ -671,6 +707,48 @@ mod tests {
         auth.authenticate(&config.auth, &bearer(one.expose()), ip, &metrics).await.unwrap();
         auth.authenticate(&config.auth, &bearer(&wrong), ip, &metrics).await.unwrap_err();
         assert_eq!(verified(), 5, "both outcomes expired after their TTL");
+    }
+
+    /// A change is applied to the cache once, however many overlapping polls see it: a new or
+    /// restored key in use is verified again once, not on every poll. (Before: every poll in
+    /// the 2 s overlap evicted it, up to four verifications in its first seconds.) A later
+    /// change — even one stamped earlier by a writer with a slower clock — still applies.
+    #[tokio::test]
+    async fn each_change_evicts_a_cached_key_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let (config, store) = config_and_store("cache_ttl: 1h", &dir).await;
+        let key = create_key(&store, &config).await;
+        let id = key.expose().split('_').nth(1).unwrap().to_string();
+        let auth = Authenticator::new(store.clone(), &config.auth).unwrap();
+        let metrics = Metrics::new().unwrap();
+        let ip: IpAddr = "127.0.0.1".parse().unwrap();
+        let h = headers(&[format!("Bearer {}", key.expose()).as_bytes()]);
+        let mut since = clock::now_ms() - CHANGE_OVERLAP_MS;
+        for _ in 0..4 {
+            auth.authenticate(&config.auth, &h, ip, &metrics).await.unwrap();
+            since = auth.poll_changes(since).await.unwrap();
+        }
+        assert_eq!(verifications(&metrics), 2, "the creation evicted the key once, not per poll");
+
+        // Revoked elsewhere (the CLI): the next poll applies it, and the key is refused.
+        crate::manage::revoke(store.as_ref(), &id, &crate::manage::Actor::Cli).await.unwrap();
+        since = auth.poll_changes(since).await.unwrap();
+        assert!(auth.authenticate(&config.auth, &h, ip, &metrics).await.is_err(), "revocation missed");
+        // A restore stamped earlier than the revocation is still a new change.
+        let e = crate::keys::AuditEvent {
+            key_id: id.clone(),
+            org: "acme".into(),
+            action: "restore".into(),
+            actor: "cli".into(),
+            at: clock::now_ms() - 500,
+            detail: None,
+        };
+        store.set_revoked(&id, None, &e).await.unwrap();
+        for _ in 0..3 {
+            since = auth.poll_changes(since).await.unwrap();
+            auth.authenticate(&config.auth, &h, ip, &metrics).await.unwrap();
+        }
+        assert_eq!(verifications(&metrics), 4, "revoke and restore: one verification each");
     }
 
     /// Concurrent misses from one source cannot all slip past the failed-attempt block: they

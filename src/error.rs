@@ -133,7 +133,7 @@ impl Error {
 
     fn details(&self) -> Value {
         match self {
-            Error::KeyInUrl { param } => json!({ "location": "query", "parameter": param }),
+            Error::KeyInUrl { param } => json!({ "parameter": param }),
             Error::KeyInPath => json!({ "location": "path" }),
             Error::Forbidden { required, current } => {
                 json!({ "required_scope": required, "current_scope": current })

@@ -394,8 +394,9 @@ pub trait KeyStore: Send + Sync {
     ) -> Result<bool, StoreError>;
     /// Writes a batch of last-used timestamps.
     async fn touch(&self, used: &[(String, i64)]) -> Result<(), StoreError>;
-    /// Ids of keys whose record changed at or after `since_ms` (revocations made elsewhere).
-    async fn changed_since(&self, since_ms: i64) -> Result<Vec<String>, StoreError>;
+    /// Keys whose record changed at or after `since_ms` (revocations made elsewhere), with the
+    /// time of their latest change: `(id, updated_at)`.
+    async fn changed_since(&self, since_ms: i64) -> Result<Vec<(String, i64)>, StoreError>;
     /// Deletes keys revoked before `before_ms`, with a `purge` audit event each. Returns their ids.
     async fn purge(&self, before_ms: i64, now_ms: i64) -> Result<Vec<String>, StoreError>;
     async fn audit(&self, id: &str) -> Result<Vec<AuditEvent>, StoreError>;

@@ -95,6 +95,8 @@ pub async fn handle(
             let body = read_json::<CreateBody>(req).await?;
             let spec = create_spec(snap, caller, body)?;
             let (record, token) = manage::create(store, &snap.config, spec, &actor, None).await?;
+            // Nothing is cached for a key that did not exist: the poll need not evict anything.
+            state.auth.note_change(&record.id, record.created_at);
             Ok(json_response(StatusCode::CREATED, with_key(&record, &token)))
         }
         (&Method::GET, [id]) => {
@@ -108,18 +110,21 @@ pub async fn handle(
             Ok(json_response(StatusCode::OK, json!({ "object": "list", "data": data })))
         }
         (&Method::POST, [id, "revoke"]) => {
-            let r = manage::revoke(store, id, &actor).await?;
+            let (r, changed) = manage::revoke(store, id, &actor).await?;
             // Immediate on this instance (§2): the next request with this key is refused.
-            state.auth.invalidate(id);
+            if let Some(at) = changed {
+                state.auth.apply_change(id, at);
+            }
             Ok(json_response(StatusCode::OK, r.to_json()))
         }
         (&Method::POST, [id, "restore"]) => {
-            let r = manage::restore(store, &snap.config, id, &actor).await?;
-            state.auth.invalidate(id);
+            let (r, at) = manage::restore(store, &snap.config, id, &actor).await?;
+            state.auth.apply_change(id, at);
             Ok(json_response(StatusCode::OK, r.to_json()))
         }
         (&Method::POST, [id, "rotate"]) => {
             let (record, token) = manage::rotate(store, &snap.config, id, &actor).await?;
+            state.auth.note_change(&record.id, record.created_at);
             Ok(json_response(StatusCode::CREATED, with_key(&record, &token)))
         }
         _ => Err(not_found()),

@@ -191,11 +191,11 @@ async fn run_keys(config: Config, command: KeysCommand) -> Result<ExitCode, Stri
             println!("{}", serde_json::to_string_pretty(&r.to_json()).unwrap_or_default());
         }
         KeysCommand::Revoke { id } => {
-            let r = manage::revoke(store, &id, &Actor::Cli).await.map_err(err)?;
+            let (r, _) = manage::revoke(store, &id, &Actor::Cli).await.map_err(err)?;
             println!("revoked {} (restorable for {}s)", r.id, config.auth.revocation_retention.as_secs());
         }
         KeysCommand::Restore { id } => {
-            let r = manage::restore(store, &config, &id, &Actor::Cli).await.map_err(err)?;
+            let (r, _) = manage::restore(store, &config, &id, &Actor::Cli).await.map_err(err)?;
             println!("restored {}", r.id);
         }
         KeysCommand::Audit { id, json } => {

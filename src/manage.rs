@@ -187,11 +187,16 @@ pub async fn fetch(store: &dyn KeyStore, id: &str, org: Option<&str>) -> Result<
 }
 
 /// Revokes a key (reversible until the retention window ends). Revoking a revoked key is a
-/// no-op that returns the record unchanged.
-pub async fn revoke(store: &dyn KeyStore, id: &str, actor: &Actor<'_>) -> Result<KeyRecord, ManageError> {
+/// no-op that returns the record unchanged. Returns the record and, when something changed, the
+/// change's time in the store (`Authenticator::apply_change`).
+pub async fn revoke(
+    store: &dyn KeyStore,
+    id: &str,
+    actor: &Actor<'_>,
+) -> Result<(KeyRecord, Option<i64>), ManageError> {
     let mut r = fetch(store, id, actor.org()).await?;
     if r.revoked_at.is_some() {
-        return Ok(r);
+        return Ok((r, None));
     }
     let now = clock::now_ms();
     let e = audit(&r, "revoke", actor.name(), now, None);
@@ -200,17 +205,18 @@ pub async fn revoke(store: &dyn KeyStore, id: &str, actor: &Actor<'_>) -> Result
     }
     r.revoked_at = Some(now);
     r.revoked_by = Some(actor.name().to_string());
-    Ok(r)
+    Ok((r, Some(now)))
 }
 
 /// Restores a revoked key within `auth.revocation_retention` of its revocation. Restoring
-/// makes a key work again, so the actor must be able to issue it.
+/// makes a key work again, so the actor must be able to issue it. Returns the record and the
+/// change's time in the store.
 pub async fn restore(
     store: &dyn KeyStore,
     config: &Config,
     id: &str,
     actor: &Actor<'_>,
-) -> Result<KeyRecord, ManageError> {
+) -> Result<(KeyRecord, i64), ManageError> {
     let mut r = fetch(store, id, actor.org()).await?;
     actor.may_issue(&r.tier, &r.scopes)?;
     let Some(revoked_at) = r.revoked_at else {
@@ -230,7 +236,7 @@ pub async fn restore(
     }
     r.revoked_at = None;
     r.revoked_by = None;
-    Ok(r)
+    Ok((r, now))
 }
 
 /// Creates a new key with the same organisation, workspace, tier and scopes. The old key stays

@@ -247,11 +247,15 @@ impl KeyStore for SqliteStore {
         tx.commit().await.map_err(unavailable)
     }
 
-    async fn changed_since(&self, since_ms: i64) -> Result<Vec<String>, StoreError> {
-        sqlx::query_scalar("SELECT id FROM keys WHERE updated_at >= ?")
+    async fn changed_since(&self, since_ms: i64) -> Result<Vec<(String, i64)>, StoreError> {
+        let rows = sqlx::query("SELECT id, updated_at FROM keys WHERE updated_at >= ?")
             .bind(since_ms)
             .fetch_all(&self.pool)
             .await
+            .map_err(unavailable)?;
+        rows.iter()
+            .map(|r| Ok((r.try_get("id")?, r.try_get("updated_at")?)))
+            .collect::<Result<_, sqlx::Error>>()
             .map_err(unavailable)
     }
 
@@ -352,7 +356,7 @@ mod tests {
 
         assert!(s.set_revoked("a", Some((2000, "cli")), &ev("a", "revoke", 2000)).await.unwrap());
         assert!(!s.set_revoked("zz", Some((2000, "cli")), &ev("zz", "revoke", 2000)).await.unwrap());
-        assert_eq!(s.changed_since(2000).await.unwrap(), ["a"]);
+        assert_eq!(s.changed_since(2000).await.unwrap(), [("a".to_string(), 2000)]);
         assert!(s.changed_since(2001).await.unwrap().is_empty());
         let a = s.get("a").await.unwrap().unwrap();
         assert_eq!((a.revoked_at, a.revoked_by.as_deref()), (Some(2000), Some("cli")));
