@@ -572,6 +572,18 @@ pub async fn maintain(auth: Arc<Authenticator>, state: Arc<crate::state::State>)
         let cfg = state.snapshot().config.auth.clone();
         tokio::time::sleep(cfg.revocation_poll).await;
         let now = clock::now_ms();
+        match auth.store.check().await {
+            Ok(()) => {
+                if !state.set_store_ok(true) {
+                    tracing::info!("the key store is usable again; readiness restored");
+                }
+            }
+            Err(e) => {
+                if state.set_store_ok(false) {
+                    tracing::error!(error = %e, "the key store cannot be used; readiness is 503");
+                }
+            }
+        }
         match auth.poll_changes(since).await {
             Ok(next) => since = next,
             Err(e) => tracing::warn!(error = %e, "cannot poll the key store for revocations"),

@@ -380,6 +380,11 @@ pub enum StoreError {
 /// portable SQL behind it (SQLite now; a shared PostgreSQL store can implement the same).
 #[async_trait::async_trait]
 pub trait KeyStore: Send + Sync {
+    /// Whether the store can still be used (for SQLite: the file at the configured path is still
+    /// the one opened). Called by the maintenance loop; `Err` makes the server unready.
+    async fn check(&self) -> Result<(), StoreError> {
+        Ok(())
+    }
     async fn get(&self, id: &str) -> Result<Option<KeyRecord>, StoreError>;
     async fn list(&self, org: Option<&str>) -> Result<Vec<KeyRecord>, StoreError>;
     /// Inserts a new record and its audit event in one transaction.

@@ -100,6 +100,7 @@ pub fn admin(state: &State, req: &Request<Incoming>) -> Response<Full<Bytes>> {
     match req.uri().path() {
         "/healthz" => text(StatusCode::OK, "ok\n"),
         "/readyz" if state.is_draining() => text(StatusCode::SERVICE_UNAVAILABLE, "draining\n"),
+        "/readyz" if !state.is_store_ok() => text(StatusCode::SERVICE_UNAVAILABLE, "key store unavailable\n"),
         "/readyz" => text(StatusCode::OK, "ready\n"),
         "/metrics" => {
             let mut r = Response::new(Full::new(Bytes::from(state.metrics.render())));

@@ -71,6 +71,8 @@ pub struct State {
     pub auth: Arc<Authenticator>,
     snapshot: ArcSwap<Snapshot>,
     draining: AtomicBool,
+    /// Whether the key store can be used (`KeyStore::check`, by the maintenance loop).
+    store_ok: AtomicBool,
     /// The file `serve` was started with; `None` on the embedded defaults.
     pub config_path: Option<PathBuf>,
 }
@@ -87,6 +89,7 @@ impl State {
             auth,
             snapshot: ArcSwap::from_pointee(snapshot),
             draining: AtomicBool::new(false),
+            store_ok: AtomicBool::new(true),
             config_path,
         }
     }
@@ -107,5 +110,14 @@ impl State {
 
     pub fn is_draining(&self) -> bool {
         self.draining.load(Ordering::SeqCst)
+    }
+
+    /// Records whether the key store is usable; returns what it was.
+    pub fn set_store_ok(&self, ok: bool) -> bool {
+        self.store_ok.swap(ok, Ordering::SeqCst)
+    }
+
+    pub fn is_store_ok(&self) -> bool {
+        self.store_ok.load(Ordering::SeqCst)
     }
 }

@@ -1,9 +1,17 @@
 //! The SQLite key store: one file, WAL mode so that the CLI can write while a server reads,
-//! schema migrations applied at open. The SQL is kept portable (no SQLite-only syntax in the
+//! schema migrations applied at open.
+//!
+//! The file is watched (`check`): once it has been replaced or deleted under a running server,
+//! the server would go on reading the unlinked file while the CLI writes the new one, so the
+//! store refuses every further use and reports itself unavailable (readiness 503) until
+//! tollgate is restarted. It does not reopen the new file itself: the old file's `-wal` and
+//! `-shm` companions, which SQLite finds by name, would be applied to the new one. The SQL is kept portable (no SQLite-only syntax in the
 //! queries) so that a PostgreSQL store can share it.
 
-use std::path::Path;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
 use std::str::FromStr;
+use std::sync::OnceLock;
 use std::time::Duration;
 
 use sqlx::sqlite::{
@@ -48,6 +56,16 @@ CREATE INDEX audit_key_id ON audit (key_id);
 
 pub struct SqliteStore {
     pool: SqlitePool,
+    path: PathBuf,
+    /// The (device, inode) of the file opened.
+    file: Option<(u64, u64)>,
+    /// Why the store can no longer be used, once the file was replaced or deleted.
+    lost: OnceLock<String>,
+}
+
+/// The identity of the file at `path` now, if there is one.
+fn file_id(path: &Path) -> Option<(u64, u64)> {
+    std::fs::metadata(path).ok().map(|m| (m.dev(), m.ino()))
 }
 
 fn unavailable(e: sqlx::Error) -> StoreError {
@@ -69,13 +87,22 @@ impl SqliteStore {
             .connect_with(opts)
             .await
             .map_err(|e| StoreError::Unavailable(format!("cannot open {}: {e}", path.display())))?;
-        let store = SqliteStore { pool };
+        let store =
+            SqliteStore { pool, path: path.to_path_buf(), file: file_id(path), lost: OnceLock::new() };
         store.migrate().await?;
         Ok(store)
     }
 
+    /// The pool, unless the file it has open is no longer the store's file.
+    fn pool(&self) -> Result<&SqlitePool, StoreError> {
+        match self.lost.get() {
+            None => Ok(&self.pool),
+            Some(why) => Err(StoreError::Unavailable(why.clone())),
+        }
+    }
+
     async fn migrate(&self) -> Result<(), StoreError> {
-        let mut tx = self.pool.begin().await.map_err(unavailable)?;
+        let mut tx = self.pool()?.begin().await.map_err(unavailable)?;
         sqlx::query("CREATE TABLE IF NOT EXISTS schema_version (version BIGINT NOT NULL)")
             .execute(&mut *tx)
             .await
@@ -151,10 +178,26 @@ async fn append(conn: &mut sqlx::SqliteConnection, e: &AuditEvent) -> Result<(),
 
 #[async_trait::async_trait]
 impl KeyStore for SqliteStore {
+    async fn check(&self) -> Result<(), StoreError> {
+        if self.lost.get().is_none() {
+            let what = match file_id(&self.path) {
+                now if now == self.file => return Ok(()),
+                None => "deleted",
+                Some(_) => "replaced",
+            };
+            let _ = self.lost.set(format!(
+                "the key store file {} was {what} while tollgate had it open; restart tollgate to use \
+                 the file now at that path (keys created or revoked with the CLI are in that file)",
+                self.path.display()
+            ));
+        }
+        self.pool().map(|_| ())
+    }
+
     async fn get(&self, id: &str) -> Result<Option<KeyRecord>, StoreError> {
         let row = sqlx::query("SELECT * FROM keys WHERE id = ?")
             .bind(id)
-            .fetch_optional(&self.pool)
+            .fetch_optional(self.pool()?)
             .await
             .map_err(unavailable)?;
         row.as_ref().map(record).transpose().map_err(unavailable)
@@ -165,14 +208,14 @@ impl KeyStore for SqliteStore {
             Some(org) => sqlx::query("SELECT * FROM keys WHERE org = ? ORDER BY created_at, id").bind(org),
             None => sqlx::query("SELECT * FROM keys ORDER BY org, created_at, id"),
         }
-        .fetch_all(&self.pool)
+        .fetch_all(self.pool()?)
         .await
         .map_err(unavailable)?;
         rows.iter().map(record).collect::<Result<_, _>>().map_err(unavailable)
     }
 
     async fn insert(&self, r: &KeyRecord, e: &AuditEvent) -> Result<(), StoreError> {
-        let mut tx = self.pool.begin().await.map_err(unavailable)?;
+        let mut tx = self.pool()?.begin().await.map_err(unavailable)?;
         let inserted = sqlx::query(
             "INSERT INTO keys (id, name, org, workspace, tier, scopes, secret_hash, created_at, expires_at, \
              last_used_at, revoked_at, revoked_by, rotated_from, updated_at) \
@@ -212,7 +255,7 @@ impl KeyStore for SqliteStore {
         revoked: Option<(i64, &str)>,
         e: &AuditEvent,
     ) -> Result<bool, StoreError> {
-        let mut tx = self.pool.begin().await.map_err(unavailable)?;
+        let mut tx = self.pool()?.begin().await.map_err(unavailable)?;
         let done = sqlx::query("UPDATE keys SET revoked_at = ?, revoked_by = ?, updated_at = ? WHERE id = ?")
             .bind(revoked.map(|r| r.0))
             .bind(revoked.map(|r| r.1))
@@ -233,7 +276,7 @@ impl KeyStore for SqliteStore {
         if used.is_empty() {
             return Ok(());
         }
-        let mut tx = self.pool.begin().await.map_err(unavailable)?;
+        let mut tx = self.pool()?.begin().await.map_err(unavailable)?;
         for (id, at) in used {
             // Not `updated_at`: a use is not a change other instances must react to.
             sqlx::query("UPDATE keys SET last_used_at = ? WHERE id = ? AND (last_used_at IS NULL OR last_used_at < ?)")
@@ -250,7 +293,7 @@ impl KeyStore for SqliteStore {
     async fn changed_since(&self, since_ms: i64) -> Result<Vec<(String, i64)>, StoreError> {
         let rows = sqlx::query("SELECT id, updated_at FROM keys WHERE updated_at >= ?")
             .bind(since_ms)
-            .fetch_all(&self.pool)
+            .fetch_all(self.pool()?)
             .await
             .map_err(unavailable)?;
         rows.iter()
@@ -260,7 +303,7 @@ impl KeyStore for SqliteStore {
     }
 
     async fn purge(&self, before_ms: i64, now_ms: i64) -> Result<Vec<String>, StoreError> {
-        let mut tx = self.pool.begin().await.map_err(unavailable)?;
+        let mut tx = self.pool()?.begin().await.map_err(unavailable)?;
         let rows = sqlx::query("SELECT id, org FROM keys WHERE revoked_at IS NOT NULL AND revoked_at < ?")
             .bind(before_ms)
             .fetch_all(&mut *tx)
@@ -291,14 +334,14 @@ impl KeyStore for SqliteStore {
     }
 
     async fn record(&self, e: &AuditEvent) -> Result<(), StoreError> {
-        let mut conn = self.pool.acquire().await.map_err(unavailable)?;
+        let mut conn = self.pool()?.acquire().await.map_err(unavailable)?;
         append(&mut conn, e).await.map_err(unavailable)
     }
 
     async fn audit(&self, id: &str) -> Result<Vec<AuditEvent>, StoreError> {
         let rows = sqlx::query("SELECT * FROM audit WHERE key_id = ? ORDER BY seq")
             .bind(id)
-            .fetch_all(&self.pool)
+            .fetch_all(self.pool()?)
             .await
             .map_err(unavailable)?;
         rows.iter().map(event).collect::<Result<_, _>>().map_err(unavailable)

@@ -166,3 +166,47 @@ async fn sigterm_waits_no_longer_than_shutdown_timeout() {
     assert!(start.elapsed() >= Duration::from_millis(900), "did not wait for in-flight requests");
     pending.abort();
 }
+
+/// The SQLite file replaced or deleted under a running server: it must not go on serving the
+/// unlinked file while the CLI writes the new one. Readiness turns 503 with a log line saying
+/// what happened, and keys it cannot look up get 503 `unavailable`, not a silent 401. (Before:
+/// ready, keys created with the CLI afterwards got 401, CLI revocations never arrived.)
+#[tokio::test]
+async fn a_replaced_or_deleted_key_store_file_makes_the_server_unready() {
+    let up = Upstream::start().await;
+    for what in ["replaced", "deleted"] {
+        let tg = Tollgate::builder(&up.url()).start();
+        let client = h1();
+        assert_eq!(send(&client, tg.get("/v1/models").body(Full::default()).unwrap()).await.status(), 200);
+        assert_eq!(status_of(&tg.admin_url("/readyz")).await, 200);
+        let db = tg.config.parent().unwrap().join("tollgate.db");
+        let mut other_key = None;
+        if what == "replaced" {
+            // A new store with a key of its own, moved over the old file, as a restore from
+            // backup would.
+            let other = tg.config.parent().unwrap().join("other.yaml");
+            let other_db = tg.config.parent().unwrap().join("other.db");
+            std::fs::write(&other, format!("store: {{ sqlite: \"{}\" }}\n", other_db.display())).unwrap();
+            other_key =
+                Some(create_key(&other, &["--org", "acme", "--tier", "audit", "--scope", "inference:read"]));
+            std::fs::rename(&other_db, &db).unwrap();
+        } else {
+            std::fs::remove_file(&db).unwrap();
+        }
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while status_of(&tg.admin_url("/readyz")).await != 503 {
+            assert!(Instant::now() < deadline, "{what}: still ready");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert_eq!(get_text(&tg.admin_url("/readyz")).await, "key store unavailable\n");
+        assert!(
+            tg.wait_log(&format!("was {what} while tollgate had it open"), Duration::from_secs(5)).await,
+            "{what}"
+        );
+        if let Some(key) = other_key {
+            let req = get(&tg.url("/v1/models")).header("authorization", format!("Bearer {key}"));
+            let (rsp, body) = send_json(&client, req.body(Full::default()).unwrap()).await;
+            assert_error(&rsp, &body, 503, "unavailable");
+        }
+    }
+}
