@@ -51,6 +51,9 @@ pub enum Error {
     #[error("The request headers exceed the limit of {limit} bytes.")]
     HeadersTooLarge { limit: usize },
 
+    #[error("The request has more than {max} header fields.")]
+    TooManyHeaders { max: usize },
+
     #[error("{message}")]
     RateLimited {
         message: String,
@@ -84,7 +87,9 @@ impl Error {
             Error::Forbidden { .. } | Error::TierForbidden { .. } => StatusCode::FORBIDDEN,
             Error::NotFound { .. } | Error::KeyNotFound(_) => StatusCode::NOT_FOUND,
             Error::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
-            Error::HeadersTooLarge { .. } => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            Error::HeadersTooLarge { .. } | Error::TooManyHeaders { .. } => {
+                StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE
+            }
             Error::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             Error::UpstreamUnavailable { .. } => StatusCode::BAD_GATEWAY,
             Error::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
@@ -102,7 +107,7 @@ impl Error {
             Error::Forbidden { .. } | Error::TierForbidden { .. } => "forbidden",
             Error::NotFound { .. } | Error::KeyNotFound(_) => "not_found",
             Error::PayloadTooLarge { .. } => "payload_too_large",
-            Error::HeadersTooLarge { .. } => "headers_too_large",
+            Error::HeadersTooLarge { .. } | Error::TooManyHeaders { .. } => "headers_too_large",
             Error::RateLimited { .. } => "rate_limited",
             Error::UpstreamUnavailable { .. } => "upstream_unavailable",
             Error::Unavailable(_) => "unavailable",
@@ -121,6 +126,7 @@ impl Error {
             | Error::KeyNotFound(_)
             | Error::PayloadTooLarge { .. }
             | Error::HeadersTooLarge { .. }
+            | Error::TooManyHeaders { .. }
             | Error::RequestTimeout { .. } => "invalid_request_error",
             Error::Unauthorized { .. } => "authentication_error",
             Error::Forbidden { .. } | Error::TierForbidden { .. } => "permission_error",
@@ -143,6 +149,7 @@ impl Error {
             }
             Error::PayloadTooLarge { limit } => json!({ "max_body_bytes": limit }),
             Error::HeadersTooLarge { limit } => json!({ "max_header_bytes": limit }),
+            Error::TooManyHeaders { max } => json!({ "max_header_fields": max }),
             Error::RateLimited { limit, tier, retry_after, .. } => {
                 json!({ "limit": limit, "tier": tier, "retry_after_seconds": retry_after })
             }

@@ -27,7 +27,7 @@ const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
 pub fn client(up: &config::Upstream) -> Client {
     let authority = up.url.authority().map_or("127.0.0.1:8000", |a| a.as_str());
     let address = if up.url.port_u16().is_some() { authority.to_string() } else { format!("{authority}:80") };
-    upstream::Client::new(address, up.connect_timeout, POOL_IDLE_TIMEOUT)
+    upstream::Client::new(address, up.connect_timeout, POOL_IDLE_TIMEOUT, up.max_connections)
 }
 
 /// Where and how requests are sent: one config generation's view of `upstream` and `limits`.
@@ -253,6 +253,8 @@ pub enum Failure {
     Connect,
     Reset,
     Timeout,
+    /// Every upstream connection slot in use (`upstream.max_connections`).
+    PoolFull,
 }
 
 impl Failure {
@@ -261,6 +263,7 @@ impl Failure {
             Failure::Connect => "connect",
             Failure::Reset => "reset",
             Failure::Timeout => "timeout",
+            Failure::PoolFull => "pool_full",
         }
     }
 }
@@ -301,6 +304,16 @@ pub async fn send(
                     SendError::Connect(reason) => {
                         tracing::debug!(%reason, "cannot connect to the upstream");
                         (Error::UpstreamUnavailable { kind: "connect" }, Some(Failure::Connect))
+                    }
+                    SendError::PoolFull { max } => {
+                        // Counted, not logged per request: a flood would flood the log too.
+                        tracing::debug!(max, "all upstream connections in use; request refused");
+                        (
+                            Error::Unavailable(
+                                "All upstream connections are in use (upstream.max_connections); try again shortly.",
+                            ),
+                            Some(Failure::PoolFull),
+                        )
                     }
                     SendError::Failed(e) => {
                         tracing::debug!(error = %e, "upstream request failed");

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::watch;
+use tokio::sync::{watch, Semaphore};
 use tokio_rustls::TlsAcceptor;
 
 use crate::forward::Peer;
@@ -96,7 +96,25 @@ async fn accept_public(
 ) -> GracefulShutdown {
     let graceful = GracefulShutdown::new();
     let proxy = Proxy::new(state.clone());
+    // `limits.max_connections`, read at start: past it, new connections wait in the kernel's
+    // listen backlog until one closes, rather than costing memory here.
+    let max = state.snapshot().config.limits.max_connections;
+    let slots = Arc::new(Semaphore::new(max));
     loop {
+        let slot = match slots.clone().try_acquire_owned() {
+            Ok(slot) => slot,
+            Err(_) => {
+                tracing::warn!(max, "limits.max_connections client connections open; new ones wait");
+                tokio::select! {
+                    biased;
+                    _ = stop.wait_for(|s| *s) => return graceful,
+                    slot = slots.clone().acquire_owned() => match slot {
+                        Ok(slot) => slot,
+                        Err(_) => return graceful,
+                    },
+                }
+            }
+        };
         let (tcp, addr) = tokio::select! {
             biased;
             _ = stop.wait_for(|s| *s) => return graceful,
@@ -110,11 +128,15 @@ async fn accept_public(
         match &tls {
             None => {
                 let peer = Peer::new(addr, false);
-                tokio::spawn(server::serve_public(tcp, peer, proxy, limits, watcher));
+                tokio::spawn(async move {
+                    server::serve_public(tcp, peer, proxy, limits, watcher).await;
+                    drop(slot);
+                });
             }
             Some(acceptor) => {
                 let acceptor = acceptor.clone();
                 tokio::spawn(async move {
+                    let _slot = slot;
                     // The handshake gets the same budget as request headers (slowloris).
                     match tokio::time::timeout(limits.header_read_timeout, acceptor.accept(tcp)).await {
                         Ok(Ok(io)) => {

@@ -170,9 +170,16 @@ fn redact_keys(path: &str, prefix: &str) -> String {
     path.split('/').map(|s| if looks_like_key(s) { "<redacted>" } else { s }).collect::<Vec<_>>().join("/")
 }
 
+/// Header fields a request may carry: hyper's HTTP/1.1 parser refuses more (a bare 431), and
+/// HTTP/2 requests get the same limit here, with the JSON 431.
+const MAX_HEADER_FIELDS: usize = 100;
+
 /// 431 before anything else reads the headers. Counted as they travel on an HTTP/1.1 wire
 /// (`name: value\r\n`), so the limit means the same for HTTP/1.1 and HTTP/2 clients.
 fn check_header_size(headers: &HeaderMap, limit: usize) -> Result<(), Error> {
+    if headers.len() > MAX_HEADER_FIELDS {
+        return Err(Error::TooManyHeaders { max: MAX_HEADER_FIELDS });
+    }
     let size: usize = headers.iter().map(|(k, v)| k.as_str().len() + v.len() + 4).sum();
     if size > limit {
         return Err(Error::HeadersTooLarge { limit });

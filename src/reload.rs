@@ -154,6 +154,7 @@ fn warn_restart_only(old: &Config, new: &Config) {
         ("tls (enabling or disabling)", old.tls.is_some() != new.tls.is_some()),
         ("log.format", old.log.format != new.log.format),
         ("store", old.store != new.store),
+        ("limits.max_connections", old.limits.max_connections != new.limits.max_connections),
     ]
     .into_iter()
     .filter_map(|(name, c)| c.then_some(name))

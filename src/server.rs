@@ -42,7 +42,7 @@ pub fn builder(limits: &Limits) -> auto::Builder<TokioExecutor> {
         .max_header_list_size(u32::try_from(hard_header_cap(limits)).unwrap_or(u32::MAX))
         .keep_alive_interval(Duration::from_secs(30))
         .keep_alive_timeout(Duration::from_secs(20))
-        .max_concurrent_streams(1024);
+        .max_concurrent_streams(limits.max_concurrent_streams);
     b
 }
 

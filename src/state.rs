@@ -50,7 +50,8 @@ impl Snapshot {
         let client = match previous {
             Some(p)
                 if p.config.upstream.connect_timeout == config.upstream.connect_timeout
-                    && p.config.upstream.url == config.upstream.url =>
+                    && p.config.upstream.url == config.upstream.url
+                    && p.config.upstream.max_connections == config.upstream.max_connections =>
             {
                 p.client.clone()
             }

@@ -11,6 +11,12 @@
 //!
 //! A connection goes back to the pool when its response body has been read to the end; one
 //! whose response was abandoned (client gone, timeout, error) is dropped, and hyper closes it.
+//!
+//! Connections in use are bounded (`upstream.max_connections`): each request holds a slot until
+//! its response ends, and idle connections are taken before a new one is opened, so no more
+//! than that many are open. A request that finds no slot free within the connect timeout is
+//! refused (`SendError::PoolFull`) rather than queued without end: one client multiplexing
+//! hundreds of HTTP/2 streams cannot open hundreds of upstream connections.
 
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, Weak};
@@ -25,6 +31,7 @@ use hyper::client::conn::http1;
 use hyper_util::rt::TokioIo;
 use pin_project_lite::pin_project;
 use tokio::net::TcpStream;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 /// Idle connections kept at most; more are closed when they come back.
 const MAX_IDLE: usize = 1024;
@@ -38,6 +45,8 @@ pub enum SendError {
     Connect(String),
     /// The connection failed after the request was handed to it.
     Failed(hyper::Error),
+    /// Every connection slot stayed in use for the connect timeout.
+    PoolFull { max: usize },
 }
 
 /// A pooled client for one upstream address. Cheap to clone; clones share the pool.
@@ -57,6 +66,9 @@ struct Pool<B> {
     connect_timeout: Duration,
     idle_timeout: Duration,
     idle: Mutex<Vec<Idle<B>>>,
+    /// One permit per connection in use.
+    slots: Arc<Semaphore>,
+    max_connections: usize,
 }
 
 struct Idle<B> {
@@ -104,9 +116,23 @@ where
     B: HttpBody<Data = Bytes> + Send + 'static,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
-    /// A client for `address` (`host:port`). Spawns the idle reaper when called inside a runtime.
-    pub fn new(address: String, connect_timeout: Duration, idle_timeout: Duration) -> Client<B> {
-        let pool = Arc::new(Pool { address, connect_timeout, idle_timeout, idle: Mutex::new(Vec::new()) });
+    /// A client for `address` (`host:port`) with at most `max_connections` in use. Spawns the
+    /// idle reaper when called inside a runtime.
+    pub fn new(
+        address: String,
+        connect_timeout: Duration,
+        idle_timeout: Duration,
+        max_connections: usize,
+    ) -> Client<B> {
+        let max_connections = max_connections.clamp(1, Semaphore::MAX_PERMITS);
+        let pool = Arc::new(Pool {
+            address,
+            connect_timeout,
+            idle_timeout,
+            idle: Mutex::new(Vec::new()),
+            slots: Arc::new(Semaphore::new(max_connections)),
+            max_connections,
+        });
         if let Ok(rt) = tokio::runtime::Handle::try_current() {
             rt.spawn(reaper(Arc::downgrade(&pool)));
         }
@@ -116,6 +142,16 @@ where
     /// Sends `req` (origin-form URI, `Host` set) on a pooled connection, or a new one. The
     /// response body holds the connection and returns it to the pool when read to the end.
     pub async fn request(&self, mut req: Request<B>) -> Result<Response<Pooled<Incoming, B>>, SendError> {
+        let p = &self.pool;
+        let full = || SendError::PoolFull { max: p.max_connections };
+        let slot = match p.slots.clone().try_acquire_owned() {
+            Ok(slot) => slot,
+            Err(_) => tokio::time::timeout(p.connect_timeout, p.slots.clone().acquire_owned())
+                .await
+                .map_err(|_| full())?
+                .map_err(|_| full())?,
+        };
+        let mut slot = Some(slot);
         loop {
             let (mut sender, pooled) = match self.pool.take() {
                 Some(s) => (s, true),
@@ -131,7 +167,12 @@ where
             }
             match sender.try_send_request(req).await {
                 Ok(rsp) => {
-                    let lease = Lease { sender: Some(sender), pool: Arc::downgrade(&self.pool), done: false };
+                    let lease = Lease {
+                        sender: Some(sender),
+                        pool: Arc::downgrade(&self.pool),
+                        done: false,
+                        _slot: slot.take(),
+                    };
                     return Ok(rsp.map(|body| Pooled::new(body, lease)));
                 }
                 Err(mut e) => match e.take_message() {
@@ -183,6 +224,9 @@ struct Lease<B> {
     sender: Option<http1::SendRequest<B>>,
     pool: Weak<Pool<B>>,
     done: bool,
+    /// The connection slot, freed with the lease: after the connection went back to the pool
+    /// (the field drops after `drop` ran) or was closed.
+    _slot: Option<OwnedSemaphorePermit>,
 }
 
 impl<B> Drop for Lease<B> {
@@ -297,7 +341,7 @@ mod tests {
     }
 
     fn client(addr: String) -> Client<Full<Bytes>> {
-        Client::new(addr, Duration::from_secs(1), Duration::from_secs(90))
+        Client::new(addr, Duration::from_secs(1), Duration::from_secs(90), 64)
     }
 
     #[tokio::test]
@@ -372,7 +416,7 @@ mod tests {
     #[tokio::test]
     async fn idle_connections_expire() {
         let (addr, accepted) = server(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok").await;
-        let c: Client<Full<Bytes>> = Client::new(addr, Duration::from_secs(1), Duration::from_millis(1));
+        let c: Client<Full<Bytes>> = Client::new(addr, Duration::from_secs(1), Duration::from_millis(1), 64);
         for _ in 0..2 {
             let rsp = c.request(get()).await.unwrap();
             assert_eq!(rsp.into_body().collect().await.unwrap().to_bytes(), "ok");

@@ -116,3 +116,122 @@ async fn connections_that_never_send_a_request_are_still_closed() {
     }
     assert!(up.requests().is_empty());
 }
+
+/// The server's first SETTINGS frame on an h2c connection, as (identifier, value) pairs.
+async fn h2_settings(addr: std::net::SocketAddr) -> Vec<(u16, u32)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00").await.unwrap();
+    let mut head = [0u8; 9];
+    tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut head)).await.unwrap().unwrap();
+    assert_eq!(head[3], 0x4, "the first frame is SETTINGS");
+    let len = usize::from(head[0]) << 16 | usize::from(head[1]) << 8 | usize::from(head[2]);
+    let mut payload = vec![0u8; len];
+    s.read_exact(&mut payload).await.unwrap();
+    payload
+        .chunks_exact(6)
+        .map(|c| (u16::from_be_bytes([c[0], c[1]]), u32::from_be_bytes([c[2], c[3], c[4], c[5]])))
+        .collect()
+}
+
+/// One HTTP/2 connection cannot drive the upstream without bound: 100 streams are advertised,
+/// at most `upstream.max_connections` upstream connections are opened (the rest get 503
+/// `unavailable` after the connect timeout), and once the client is gone the in-flight gauge is
+/// back to zero. (Before: 1024 streams, 1,000 upstream connections, the gauge stuck at 180.)
+#[tokio::test]
+async fn one_http2_connection_cannot_exhaust_the_upstream() {
+    let up = Upstream::start().await;
+    let tg = Tollgate::builder(&up.url())
+        .section("upstream", &format!("{{ url: \"{}\", max_connections: 8, connect_timeout: 1s }}", up.url()))
+        .start();
+    const SETTINGS_MAX_CONCURRENT_STREAMS: u16 = 0x3;
+    let settings = h2_settings(tg.addr).await;
+    assert!(settings.contains(&(SETTINGS_MAX_CONCURRENT_STREAMS, 100)), "{settings:?}");
+
+    let tcp = tokio::net::TcpStream::connect(tg.addr).await.unwrap();
+    let (sender, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp)).await.unwrap();
+    let conn = tokio::spawn(conn);
+    let mut requests = tokio::task::JoinSet::new();
+    for _ in 0..50 {
+        let mut sender = sender.clone();
+        let req = tg.get("/v1/models").header("x-mock", "hang").body(Full::<Bytes>::default()).unwrap();
+        requests.spawn(async move { sender.send_request(req).await.map(|r| r.status().as_u16()) });
+    }
+    // The ones beyond the 8 connections are refused within the connect timeout.
+    let mut refused = 0;
+    while refused < 42 {
+        let done = tokio::time::timeout(Duration::from_secs(10), requests.join_next()).await;
+        let status = done.expect("refusals within 10 s").unwrap().unwrap().unwrap();
+        assert_eq!(status, 503);
+        refused += 1;
+    }
+    let hanging = up.events().iter().filter(|e| *e == "hang_started").count();
+    assert_eq!(hanging, 8, "upstream requests (one connection each)");
+    assert_eq!(tg.metric("tollgate_upstream_errors_total{kind=\"pool_full\"}").await, Some(42.0));
+    assert_eq!(tg.metric("tollgate_inflight_requests").await, Some(8.0));
+
+    // The client leaves with 8 streams open: each is cancelled upstream, the gauge is exact.
+    requests.abort_all();
+    drop(sender);
+    conn.abort();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while up.events().iter().filter(|e| *e == "hang_cancelled").count() < 8 {
+        assert!(Instant::now() < deadline, "upstream requests outlived the client: {:?}", up.events());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while tg.metric("tollgate_inflight_requests").await != Some(0.0) {
+        assert!(Instant::now() < deadline, "the in-flight gauge stayed up");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // The slots are free again.
+    let (rsp, _) = send_json(&h2c(), tg.get("/v1/models").body(Full::default()).unwrap()).await;
+    assert_eq!(rsp.status(), 200);
+}
+
+/// HTTP/2 header lists get the HTTP/1.1 field limit (100), with the JSON 431.
+#[tokio::test]
+async fn http2_requests_with_too_many_header_fields_get_431() {
+    let up = Upstream::start().await;
+    let tg = Tollgate::builder(&up.url()).start();
+    let mut req = tg.get("/v1/models");
+    for i in 0..150 {
+        req = req.header(format!("x-f{i}"), "1");
+    }
+    let (rsp, body) = send_json(&h2c(), req.body(Full::default()).unwrap()).await;
+    assert_error(&rsp, &body, 431, "headers_too_large");
+    assert_eq!(body["error"]["details"]["max_header_fields"], 100);
+    assert!(up.requests().is_empty());
+}
+
+/// Past `limits.max_connections`, a new connection waits (in the listen backlog) until one
+/// closes, then is served.
+#[tokio::test]
+async fn connections_past_the_cap_wait_for_a_free_slot() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let up = Upstream::start().await;
+    let tg = Tollgate::builder(&up.url()).section("limits", "{ max_connections: 2 }").start();
+    let request = |mock: &str| {
+        format!("GET /v1/models HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {}\r\nx-mock: {mock}\r\nConnection: close\r\n\r\n", tg.key)
+    };
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        let mut s = tokio::net::TcpStream::connect(tg.addr).await.unwrap();
+        s.write_all(request("hang").as_bytes()).await.unwrap();
+        held.push(s);
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while up.events().iter().filter(|e| *e == "hang_started").count() < 2 {
+        assert!(Instant::now() < deadline);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let mut third = tokio::net::TcpStream::connect(tg.addr).await.unwrap();
+    third.write_all(request("json").as_bytes()).await.unwrap();
+    let mut buf = Vec::new();
+    let early = tokio::time::timeout(Duration::from_secs(1), third.read_to_end(&mut buf)).await;
+    assert!(early.is_err() && buf.is_empty(), "served past the cap: {}", String::from_utf8_lossy(&buf));
+    drop(held.pop());
+    tokio::time::timeout(Duration::from_secs(10), third.read_to_end(&mut buf)).await.unwrap().unwrap();
+    assert!(String::from_utf8_lossy(&buf).starts_with("HTTP/1.1 200"), "{}", String::from_utf8_lossy(&buf));
+}
