@@ -71,6 +71,7 @@ struct RawConfig {
     tiers: Option<BTreeMap<String, RawTier>>,
     routes: Option<serde_yaml::Value>,
     default_scope: Option<String>,
+    trusted_proxies: Option<Vec<String>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -192,6 +193,8 @@ pub struct Config {
     pub tiers: BTreeMap<String, Tier>,
     pub routes: RouteSpec,
     pub default_scope: Option<String>,
+    /// Peers whose `x-forwarded-for` is believed for the client's address (`client_addr.rs`).
+    pub trusted_proxies: crate::client_addr::TrustedProxies,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -518,6 +521,13 @@ impl Validator {
         let tiers = self.tiers(raw.tiers);
         let routes = self.routes(raw.routes);
         let default_scope = self.nonempty("default_scope", raw.default_scope);
+        let mut trusted = Vec::new();
+        for (i, s) in raw.trusted_proxies.unwrap_or_default().iter().enumerate() {
+            match s.parse() {
+                Ok(c) => trusted.push(c),
+                Err(e) => self.problem(&format!("trusted_proxies[{i}]"), e),
+            }
+        }
         Config {
             listen,
             admin_listen,
@@ -532,6 +542,7 @@ impl Validator {
             tiers,
             routes,
             default_scope,
+            trusted_proxies: crate::client_addr::TrustedProxies(trusted),
         }
     }
 

@@ -7,6 +7,7 @@
 //!        ─► HTTP/1.1 + HTTP/2 server (hyper)       server.rs
 //!        ─► THE PIPELINE                           proxy.rs   ← read this first
 //!             reject keys in the URL, bad targets  target.rs
+//!             the client's address                 client_addr.rs
 //!             authenticate                         auth.rs, keys.rs, store/
 //!             (key-management API, served here)    keys_api.rs, manage.rs
 //!             route table ─► scope check           scope.rs
@@ -22,6 +23,7 @@
 
 pub mod auth;
 pub mod body;
+pub mod client_addr;
 pub mod clock;
 pub mod config;
 pub mod error;

@@ -36,9 +36,10 @@ impl Proxy {
     }
 
     /// Answers one request. Infallible: errors are rendered, never propagated to hyper.
-    pub async fn handle(&self, req: Request<Incoming>, peer: Peer) -> Response<Body> {
+    pub async fn handle(&self, req: Request<Incoming>, mut peer: Peer) -> Response<Body> {
         let started = Instant::now();
         let snap = self.state.snapshot();
+        peer.client = snap.config.trusted_proxies.client_ip(peer.addr.ip(), req.headers());
         let request_id = forward::request_id(req.headers());
         let method = method_label(req.method());
         let route = snap.routes.find(req.method(), req.uri().path());
@@ -61,7 +62,7 @@ impl Proxy {
             status: CLIENT_GONE_STATUS,
             code: "client_gone",
             request_id: request_id.clone(),
-            peer: peer.addr.ip(),
+            peer: peer.client,
         })));
 
         let mut quota = None;
@@ -107,7 +108,7 @@ impl Proxy {
 
         let auth = &snap.config.auth;
         let principal =
-            self.state.auth.authenticate(auth, req.headers(), peer.addr.ip(), &self.state.metrics).await?;
+            self.state.auth.authenticate(auth, req.headers(), peer.client, &self.state.metrics).await?;
         let route = route.ok_or_else(|| Error::NotFound {
             method: req.method().to_string(),
             // Key-shaped segments were refused above; anything else starting like a key is

@@ -181,9 +181,8 @@ def test_plain_manifests_build_and_validate(overlay):
 
 def test_alert_rules_pass_promtool():
     promtool = shutil.which("promtool")
-    if promtool is None:
-        assert not os.environ.get("CI"), "promtool is missing: .ci/test installs Debian's prometheus"
-        pytest.skip("promtool not installed")
+    # Missing, the test fails (in CI and out of it): it never passes by skipping.
+    assert promtool is not None, "promtool is missing: `bash .ci/test` installs Debian's prometheus"
     out = subprocess.run([promtool, "check", "rules", str(ROOT / "deploy/prometheus/alerts.yaml")], capture_output=True, text=True)
     assert out.returncode == 0, out.stdout + out.stderr
 

@@ -314,6 +314,49 @@ async fn failed_attempts_are_limited_per_source_address() {
     assert_eq!(send(&h1(), tg.get("/v1/models").body(Full::default()).unwrap()).await.status(), 200);
 }
 
+/// Behind a trusted proxy (an Ingress on 127.0.0.1 here), failed attempts count per client as
+/// that proxy recorded it in `x-forwarded-for`: one attacker's failures do not block the other
+/// clients' cold keys; the access log names the client. An untrusted peer's header is ignored.
+#[tokio::test]
+async fn behind_a_trusted_proxy_failed_attempts_count_per_forwarded_client() {
+    let up = Upstream::start().await;
+    let fresh = |tg: &Tollgate, xff: &str, i: usize| {
+        let token =
+            tollgate::keys::assemble("tg", &format!("RANDOM{i:06}"), &"C".repeat(tollgate::keys::SECRET_LEN));
+        get(&tg.url("/v1/models"))
+            .header("authorization", format!("Bearer {token}"))
+            .header("x-forwarded-for", xff)
+            .body(Full::default())
+            .unwrap()
+    };
+    let failed = "{ failed_auth: { per_second: 1, burst: 2 } }";
+    let behind = Tollgate::builder(&up.url())
+        .section("auth", failed)
+        .section("trusted_proxies", "[\"127.0.0.0/8\"]")
+        .section("log", "{ format: json, level: info }")
+        .start();
+    let mut attacker = Vec::new();
+    for i in 0..5 {
+        // The attacker forges a left part; the proxy appended the real address.
+        attacker.push(send(&h1(), fresh(&behind, "9.9.9.9, 198.51.100.1", i)).await.status().as_u16());
+    }
+    assert_eq!(attacker[3..], [429, 429], "{attacker:?}");
+    let other = send(&h1(), fresh(&behind, "198.51.100.2", 10)).await.status().as_u16();
+    assert_eq!(other, 401, "another client behind the same proxy was blocked");
+    assert!(
+        behind.wait_log("\"peer\":\"198.51.100.2\"", Duration::from_secs(5)).await,
+        "the access log names the client"
+    );
+    assert!(!behind.logs().contains("\"peer\":\"9.9.9.9\""), "a forged address was believed");
+
+    // Not configured: every client behind the proxy shares its address (and its block).
+    let direct = Tollgate::builder(&up.url()).section("auth", failed).start();
+    for i in 0..5 {
+        send(&h1(), fresh(&direct, "198.51.100.1", i)).await;
+    }
+    assert_eq!(send(&h1(), fresh(&direct, "198.51.100.2", 10)).await.status(), 429);
+}
+
 #[tokio::test]
 async fn trace_logging_never_prints_a_secret() {
     let up = Upstream::start().await;
