@@ -9,7 +9,7 @@ use http_body_util::Full;
 use crate::harness::*;
 use crate::upstream::Upstream;
 
-const TIERS: &str = "{ enterprise: { requests_per_second: 1000, burst: 4000 }, slow: { requests_per_second: 1, burst: 10 }, daily: { daily_requests: 3 }, other: { requests_per_second: 1, burst: 2 } }";
+const TIERS: &str = "{ enterprise: { requests_per_second: 1000, burst: 4000 }, slow: { requests_per_second: 1, burst: 10 }, daily: { daily_requests: 3 }, kept: { daily_requests: 10 }, changed: { daily_requests: 2 } }";
 
 fn with(tg: &Tollgate, key: &str) -> http::Request<Full<bytes::Bytes>> {
     get(&tg.url("/v1/models")).header("authorization", format!("Bearer {key}")).body(Full::default()).unwrap()
@@ -84,13 +84,15 @@ async fn keys_of_one_organisation_share_its_daily_budget() {
     assert_eq!(send(&client, with(&tg, &other)).await.status(), 200, "another organisation was limited");
 }
 
+/// Daily budgets, which cannot refill during the test: the outcome does not depend on how long
+/// the reload takes. (A 1/s refill raced the reload poll and failed on a loaded machine.)
 #[tokio::test]
 async fn a_reload_changing_one_tier_keeps_the_state_of_the_others() {
     let up = Upstream::start().await;
     let builder = Tollgate::builder(&up.url()).section("tiers", TIERS);
     let tg = builder.start();
-    let slow = tg.create_key(&["--org", "acme", "--tier", "slow", "--scope", "inference:read"]);
-    let other = tg.create_key(&["--org", "acme", "--tier", "other", "--scope", "inference:read"]);
+    let kept = tg.create_key(&["--org", "acme", "--tier", "kept", "--scope", "inference:read"]);
+    let changed = tg.create_key(&["--org", "acme", "--tier", "changed", "--scope", "inference:read"]);
     let client = h1();
     let exhaust = |key: String| {
         let (client, tg_url) = (client.clone(), tg.url("/v1/models"));
@@ -105,20 +107,16 @@ async fn a_reload_changing_one_tier_keeps_the_state_of_the_others() {
             }
         }
     };
-    assert!(exhaust(slow.clone()).await >= 10);
-    assert!(exhaust(other.clone()).await >= 2);
+    assert_eq!(exhaust(kept.clone()).await, 10);
+    assert_eq!(exhaust(changed.clone()).await, 2);
 
     let config = std::fs::read_to_string(&tg.config).unwrap();
-    let changed = config.replace(
-        "other: { requests_per_second: 1, burst: 2 }",
-        "other: { requests_per_second: 1, burst: 50 }",
-    );
-    assert_ne!(config, changed);
-    std::fs::write(&tg.config, changed).unwrap();
+    let edited = config.replace("changed: { daily_requests: 2 }", "changed: { daily_requests: 50 }");
+    assert_ne!(config, edited);
+    std::fs::write(&tg.config, edited).unwrap();
     assert!(tg.wait_log("config reloaded", Duration::from_secs(10)).await);
-    assert_eq!(send(&client, with(&tg, &slow)).await.status(), 429, "the unchanged tier lost its state");
-    let admitted = exhaust(other).await;
-    assert!((50..=52).contains(&admitted), "the changed tier admitted {admitted}");
+    assert_eq!(send(&client, with(&tg, &kept)).await.status(), 429, "the unchanged tier lost its state");
+    assert_eq!(exhaust(changed).await, 50, "the changed tier starts with its new, full budget");
 }
 
 #[tokio::test]
