@@ -533,7 +533,7 @@ fn failed_auth_limited(wait: Duration) -> Error {
     let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
     Error::RateLimited {
         message: "Too many failed authentication attempts from this address. Retry later.".into(),
-        limit: "failed_auth",
+        limit: crate::error::Limit::FailedAuth,
         tier: None,
         retry_after: secs.max(1),
         exhausted: false,
@@ -787,8 +787,10 @@ mod tests {
         }
         let errors = tasks.join_all().await;
         let verified = verifications(&metrics);
-        let limited =
-            errors.iter().filter(|e| matches!(e, Error::RateLimited { limit: "failed_auth", .. })).count();
+        let limited = errors
+            .iter()
+            .filter(|e| matches!(e, Error::RateLimited { limit: crate::error::Limit::FailedAuth, .. }))
+            .count();
         assert!(verified >= 2, "the burst is verified: {verified}");
         assert!(
             verified <= 2 + 2 * auth.verifier_threads as u64,

@@ -1,6 +1,7 @@
 //! Body types of both directions: `Guarded` streams a hyper body frame by frame with an idle
-//! timeout and an optional size limit, and `Body` is the one response type (a JSON error or a
-//! guarded upstream stream) that reports its end — bytes sent, how it ended — exactly once.
+//! timeout and an optional size limit, and `Body` is the one response type (a JSON body or a
+//! stream) that tells each of its observers of every data frame and of its end — bytes sent,
+//! how it ended — exactly once.
 //!
 //! Nothing here buffers: every frame is passed on as soon as it is polled, so a server-sent
 //! event leaves tollgate when it arrives.
@@ -148,7 +149,7 @@ where
     }
 }
 
-/// How a response body ended, reported once to its `Finish`.
+/// How a response body ended, reported once to each observer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum End {
     /// Every byte was handed to hyper.
@@ -159,52 +160,60 @@ pub enum End {
     ClientGone,
 }
 
-/// Called exactly once when a response body ends, however it ends.
-pub trait Finish: Send + 'static {
-    fn finish(self: Box<Self>, bytes: u64, end: End);
+/// Watches one response body: told of each data frame as it passes, in order, and of the end
+/// exactly once, however the body ends. A body carries several (the access log and request
+/// metrics, a usage meter, a concurrency permit); none can displace another.
+pub trait Observer: Send + 'static {
+    /// A data frame, before it is handed to hyper.
+    fn on_data(&mut self, _data: &Bytes) {}
+    /// The end: `bytes` of body were handed to hyper, and how it ended.
+    fn on_end(self: Box<Self>, bytes: u64, end: End);
 }
+
+/// A streamed response body of any source (the upstream's, or one tollgate builds).
+pub type BoxStream = Pin<Box<dyn HttpBody<Data = Bytes, Error = BodyError> + Send>>;
 
 enum Inner {
     Full(Option<Bytes>),
-    Stream(Pin<Box<Guarded<crate::forward::UpstreamBody>>>),
+    Stream(BoxStream),
 }
 
 /// The response body of every public-listener response.
 pub struct Body {
     inner: Inner,
     bytes: u64,
-    finish: Option<Box<dyn Finish>>,
+    observers: Vec<Box<dyn Observer>>,
 }
 
 impl Body {
     pub fn full(bytes: impl Into<Bytes>) -> Body {
-        Body { inner: Inner::Full(Some(bytes.into())), bytes: 0, finish: None }
+        Body { inner: Inner::Full(Some(bytes.into())), bytes: 0, observers: Vec::new() }
     }
 
     pub fn empty() -> Body {
-        Body { inner: Inner::Full(None), bytes: 0, finish: None }
+        Body { inner: Inner::Full(None), bytes: 0, observers: Vec::new() }
     }
 
-    pub fn stream(body: Guarded<crate::forward::UpstreamBody>) -> Body {
-        Body { inner: Inner::Stream(Box::pin(body)), bytes: 0, finish: None }
+    pub fn stream(body: impl HttpBody<Data = Bytes, Error = BodyError> + Send + 'static) -> Body {
+        Body { inner: Inner::Stream(Box::pin(body)), bytes: 0, observers: Vec::new() }
     }
 
-    /// Attaches the end-of-body observer (metrics + access log). If the body is already empty,
-    /// it fires when hyper polls it or drops it.
-    pub fn on_finish(&mut self, f: Box<dyn Finish>) {
-        self.finish = Some(f);
+    /// Adds an observer. If the body is already empty, its end is reported when hyper polls
+    /// the body or drops it.
+    pub fn observe(&mut self, o: Box<dyn Observer>) {
+        self.observers.push(o);
     }
 
     fn end(&mut self, end: End) {
-        if let Some(f) = self.finish.take() {
-            f.finish(self.bytes, end);
+        for o in self.observers.drain(..) {
+            o.on_end(self.bytes, end);
         }
     }
 }
 
 impl Drop for Body {
     fn drop(&mut self) {
-        // Dropped with an observer still attached: hyper never saw the end of the body, which
+        // Dropped with observers still attached: hyper never saw the end of the body, which
         // means the client went away (or the connection was torn down at shutdown).
         let end = if self.is_end_stream() { End::Complete } else { End::ClientGone };
         self.end(end);
@@ -228,6 +237,9 @@ impl HttpBody for Body {
             Poll::Ready(Some(Ok(frame))) => {
                 if let Some(d) = frame.data_ref() {
                     this.bytes += d.len() as u64;
+                    for o in &mut this.observers {
+                        o.on_data(d);
+                    }
                 }
                 if this.is_end_stream() {
                     this.end(End::Complete);
@@ -265,17 +277,95 @@ mod tests {
 
     #[derive(Clone, Default)]
     struct Seen(Arc<Mutex<Vec<(u64, End)>>>);
-    impl Finish for Seen {
-        fn finish(self: Box<Self>, bytes: u64, end: End) {
+    impl Observer for Seen {
+        fn on_end(self: Box<Self>, bytes: u64, end: End) {
             self.0.lock().unwrap().push((bytes, end));
         }
+    }
+
+    /// Records every frame it is told of, and its end, under its own name.
+    #[derive(Clone)]
+    struct Watcher {
+        name: &'static str,
+        log: Arc<Mutex<Vec<String>>>,
+    }
+    impl Observer for Watcher {
+        fn on_data(&mut self, data: &Bytes) {
+            self.log.lock().unwrap().push(format!("{} data {}", self.name, String::from_utf8_lossy(data)));
+        }
+        fn on_end(self: Box<Self>, bytes: u64, end: End) {
+            self.log.lock().unwrap().push(format!("{} end {bytes} {end:?}", self.name));
+        }
+    }
+
+    fn watched(body: &mut Body) -> Arc<Mutex<Vec<String>>> {
+        let log = Arc::new(Mutex::new(Vec::new()));
+        for name in ["a", "b", "c"] {
+            body.observe(Box::new(Watcher { name, log: log.clone() }));
+        }
+        log
+    }
+
+    fn stream_of(items: Vec<Result<&'static str, Stop>>) -> Body {
+        let frames: Vec<Result<Frame<Bytes>, BodyError>> = items
+            .into_iter()
+            .map(|i| i.map(|s| Frame::data(Bytes::from_static(s.as_bytes()))).map_err(BodyError))
+            .collect();
+        Body::stream(StreamBody::new(futures_stream(frames)))
+    }
+
+    #[tokio::test]
+    async fn every_observer_sees_every_frame_and_one_end() {
+        let mut b = stream_of(vec![Ok("he"), Ok("llo")]);
+        let log = watched(&mut b);
+        let out = b.collect().await.unwrap().to_bytes();
+        assert_eq!(out, "hello");
+        let log = log.lock().unwrap().clone();
+        for name in ["a", "b", "c"] {
+            let mine: Vec<&String> = log.iter().filter(|l| l.starts_with(name)).collect();
+            assert_eq!(
+                mine,
+                [&format!("{name} data he"), &format!("{name} data llo"), &format!("{name} end 5 Complete")]
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn observers_see_a_stopped_stream_end_once() {
+        let mut b = stream_of(vec![Ok("he"), Err(Stop::Broken), Ok("never")]);
+        let log = watched(&mut b);
+        assert!(b.collect().await.is_err());
+        let log = log.lock().unwrap().clone();
+        let ends: Vec<&String> = log.iter().filter(|l| l.contains(" end ")).collect();
+        assert_eq!(ends, ["a end 2 Stopped(Broken)", "b end 2 Stopped(Broken)", "c end 2 Stopped(Broken)"]);
+    }
+
+    #[tokio::test]
+    async fn observers_see_the_client_leave_mid_stream_once() {
+        let mut b = stream_of(vec![Ok("he"), Ok("llo")]);
+        let log = watched(&mut b);
+        let first = b.frame().await.unwrap().unwrap();
+        assert_eq!(first.data_ref().unwrap(), "he");
+        drop(b);
+        let log = log.lock().unwrap().clone();
+        assert_eq!(
+            log,
+            [
+                "a data he",
+                "b data he",
+                "c data he",
+                "a end 2 ClientGone",
+                "b end 2 ClientGone",
+                "c end 2 ClientGone"
+            ]
+        );
     }
 
     #[tokio::test]
     async fn full_body_reports_complete_once() {
         let seen = Seen::default();
         let mut b = Body::full("hello");
-        b.on_finish(Box::new(seen.clone()));
+        b.observe(Box::new(seen.clone()));
         let out = b.collect().await.unwrap().to_bytes();
         assert_eq!(out, "hello");
         assert_eq!(*seen.0.lock().unwrap(), vec![(5, End::Complete)]);
@@ -285,7 +375,7 @@ mod tests {
     async fn dropped_unfinished_body_reports_client_gone() {
         let seen = Seen::default();
         let mut b = Body::full("hello");
-        b.on_finish(Box::new(seen.clone()));
+        b.observe(Box::new(seen.clone()));
         drop(b);
         assert_eq!(*seen.0.lock().unwrap(), vec![(0, End::ClientGone)]);
     }

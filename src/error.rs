@@ -14,6 +14,46 @@ use crate::body::Body;
 /// The header that marks a response as produced by tollgate rather than by the upstream.
 pub const ERROR_HEADER: &str = "x-tollgate-error";
 
+/// What refused a request with 429: `details.limit` of the body and the `limit` label of
+/// `tollgate_rate_limited_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Limit {
+    RequestsPerSecond,
+    DailyRequests,
+    /// Failed authentications from one source address (§4).
+    FailedAuth,
+    TokensPerMinute,
+    DailyTokens,
+    ConcurrentRequests,
+}
+
+impl Limit {
+    pub fn label(self) -> &'static str {
+        match self {
+            Limit::RequestsPerSecond => "requests_per_second",
+            Limit::DailyRequests => "daily_requests",
+            Limit::FailedAuth => "failed_auth",
+            Limit::TokensPerMinute => "tokens_per_minute",
+            Limit::DailyTokens => "daily_tokens",
+            Limit::ConcurrentRequests => "concurrent_requests",
+        }
+    }
+}
+
+impl PartialEq<&str> for Limit {
+    fn eq(&self, other: &&str) -> bool {
+        self.label() == *other
+    }
+}
+
+/// Whose fault an error is: the client's (downstream), the upstream's, or tollgate's own.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fault {
+    Downstream,
+    Upstream,
+    Internal,
+}
+
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum Error {
     /// A key-like query parameter: keys belong in the `Authorization` header.
@@ -57,7 +97,7 @@ pub enum Error {
     #[error("{message}")]
     RateLimited {
         message: String,
-        limit: &'static str,
+        limit: Limit,
         tier: Option<String>,
         retry_after: u64,
         /// `x-should-retry: false` — the daily budget is gone; retrying today is pointless.
@@ -69,6 +109,11 @@ pub enum Error {
 
     #[error("{0}")]
     Unavailable(&'static str),
+
+    /// Tollgate's own failure (a configuration that does not fit a key, a failed hash). The
+    /// message is written for the client and names nothing secret; details go to the log.
+    #[error("{0}")]
+    Internal(String),
 
     #[error("The upstream server sent no response headers within {}s.", .after.as_secs_f64())]
     UpstreamTimeout { after: Duration },
@@ -93,6 +138,7 @@ impl Error {
             Error::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             Error::UpstreamUnavailable { .. } => StatusCode::BAD_GATEWAY,
             Error::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            Error::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
             Error::UpstreamTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
             Error::RequestTimeout { .. } => StatusCode::REQUEST_TIMEOUT,
         }
@@ -111,8 +157,18 @@ impl Error {
             Error::RateLimited { .. } => "rate_limited",
             Error::UpstreamUnavailable { .. } => "upstream_unavailable",
             Error::Unavailable(_) => "unavailable",
+            Error::Internal(_) => "internal_error",
             Error::UpstreamTimeout { .. } => "upstream_timeout",
             Error::RequestTimeout { .. } => "request_timeout",
+        }
+    }
+
+    /// Whose fault it is, for logs and for deciding what to count as an upstream failure.
+    pub fn fault(&self) -> Fault {
+        match self {
+            Error::UpstreamUnavailable { .. } | Error::UpstreamTimeout { .. } => Fault::Upstream,
+            Error::Unavailable(_) | Error::Internal(_) => Fault::Internal,
+            _ => Fault::Downstream,
         }
     }
 
@@ -131,9 +187,10 @@ impl Error {
             Error::Unauthorized { .. } => "authentication_error",
             Error::Forbidden { .. } | Error::TierForbidden { .. } => "permission_error",
             Error::RateLimited { .. } => "rate_limit_error",
-            Error::UpstreamUnavailable { .. } | Error::Unavailable(_) | Error::UpstreamTimeout { .. } => {
-                "server_error"
-            }
+            Error::UpstreamUnavailable { .. }
+            | Error::Unavailable(_)
+            | Error::UpstreamTimeout { .. }
+            | Error::Internal(_) => "server_error",
         }
     }
 
@@ -151,7 +208,7 @@ impl Error {
             Error::HeadersTooLarge { limit } => json!({ "max_header_bytes": limit }),
             Error::TooManyHeaders { max } => json!({ "max_header_fields": max }),
             Error::RateLimited { limit, tier, retry_after, .. } => {
-                json!({ "limit": limit, "tier": tier, "retry_after_seconds": retry_after })
+                json!({ "limit": limit.label(), "tier": tier, "retry_after_seconds": retry_after })
             }
             Error::UpstreamTimeout { after } | Error::RequestTimeout { after } => {
                 json!({ "timeout_seconds": after.as_secs_f64() })
@@ -222,7 +279,7 @@ mod tests {
     fn rate_limited_headers() {
         let rsp = Error::RateLimited {
             message: "x".into(),
-            limit: "daily_requests",
+            limit: Limit::DailyRequests,
             tier: Some("audit".into()),
             retry_after: 7,
             exhausted: true,
@@ -232,6 +289,22 @@ mod tests {
         assert_eq!(rsp.headers()["retry-after"], "7");
         assert_eq!(rsp.headers()["x-should-retry"], "false");
         assert_eq!(rsp.headers()["x-tollgate-error"], "rate_limited");
+    }
+
+    #[test]
+    fn internal_errors_are_500_json_and_say_whose_fault() {
+        let e = Error::Internal("This key's tier `gold` is not configured on this server.".into());
+        assert_eq!(e.fault(), Fault::Internal);
+        let rsp = e.clone().into_response();
+        assert_eq!(rsp.status(), 500);
+        assert_eq!(rsp.headers()["x-tollgate-error"], "internal_error");
+        assert_eq!(rsp.headers()["content-type"], "application/json");
+        let v: Value = serde_json::from_slice(&e.body()).unwrap();
+        assert_eq!(v["error"]["code"], "internal_error");
+        assert_eq!(v["error"]["type"], "server_error");
+        assert_eq!(v["error"]["details"], json!({}));
+        assert_eq!(Error::UpstreamTimeout { after: Duration::from_secs(1) }.fault(), Fault::Upstream);
+        assert_eq!(Error::BadRequest("x".into()).fault(), Fault::Downstream);
     }
 
     #[test]

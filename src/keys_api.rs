@@ -39,6 +39,12 @@ impl From<ManageError> for Error {
         match e {
             ManageError::NotFound(id) => Error::KeyNotFound(id),
             ManageError::Invalid(msg) => Error::BadRequest(msg),
+            ManageError::Internal(detail) => {
+                tracing::error!(error = %detail, "key API: internal error");
+                Error::Internal(
+                    "The key could not be created because of a server error; it has been logged.".into(),
+                )
+            }
             ManageError::ScopeNotHeld { scope, held } => Error::Forbidden { required: scope, current: held },
             ManageError::TierNotHeld { tier, held } => Error::TierForbidden { tier, current: held },
             ManageError::Store(e) => {

@@ -14,6 +14,9 @@ pub enum ManageError {
     NotFound(String),
     #[error("{0}")]
     Invalid(String),
+    /// The server's own failure; the message is for the log, not the caller.
+    #[error("internal error: {0}")]
+    Internal(String),
     /// The actor would hand out a scope it does not hold.
     #[error("a key can only issue keys with scopes it holds itself; `{scope}` is not one of them")]
     ScopeNotHeld { scope: String, held: Vec<String> },
@@ -143,12 +146,13 @@ pub async fn create(
             "invalid name: at most 128 characters, no control characters".into(),
         ));
     }
-    let new = NewKey::generate(&config.auth.key_prefix).map_err(ManageError::Invalid)?;
+    // Neither failure is the caller's: the OS random generator, the hasher's thread.
+    let new = NewKey::generate(&config.auth.key_prefix).map_err(ManageError::Internal)?;
     let (params, secret) = (config.auth.argon2, new.secret().to_string());
     let secret_hash = tokio::task::spawn_blocking(move || params.hash(&secret))
         .await
-        .map_err(|e| ManageError::Invalid(e.to_string()))?
-        .map_err(ManageError::Invalid)?;
+        .map_err(|e| ManageError::Internal(e.to_string()))?
+        .map_err(ManageError::Internal)?;
     let now = clock::now_ms();
     let requested =
         spec.expires_in.map(|d| now.saturating_add(i64::try_from(d.as_millis()).unwrap_or(i64::MAX)));

@@ -15,7 +15,7 @@ use std::time::Instant;
 use http::{HeaderMap, HeaderValue, Request, Response};
 use hyper::body::Incoming;
 
-use crate::body::{Body, End, Finish, Stop};
+use crate::body::{Body, End, Observer, Stop};
 use crate::error::Error;
 use crate::forward::{self, Peer};
 use crate::keys_api;
@@ -82,7 +82,7 @@ impl Proxy {
         if let Some(mut r) = record.0.take() {
             r.status = rsp.status().as_u16();
             r.code = code;
-            rsp.body_mut().on_finish(r);
+            rsp.body_mut().observe(r);
         }
         rsp
     }
@@ -119,7 +119,13 @@ impl Proxy {
         match snap.limiter.check_shared(&principal.key_id, &principal.org, &principal.tier) {
             Ok(q) => *quota = Some(q),
             Err(r) => {
-                self.state.metrics.rate_limited.with_label_values(&[&principal.tier, r.limit]).inc();
+                if let Some(limit) = r.limit {
+                    self.state
+                        .metrics
+                        .rate_limited
+                        .with_label_values(&[&principal.tier, limit.label()])
+                        .inc();
+                }
                 *quota = Some(r.quota);
                 return Err(r.error);
             }
@@ -198,7 +204,7 @@ struct Unanswered(Option<Box<Record>>);
 impl Drop for Unanswered {
     fn drop(&mut self) {
         if let Some(r) = self.0.take() {
-            r.finish(0, End::ClientGone);
+            r.on_end(0, End::ClientGone);
         }
     }
 }
@@ -216,8 +222,8 @@ struct Record {
     peer: std::net::IpAddr,
 }
 
-impl Finish for Record {
-    fn finish(self: Box<Self>, bytes: u64, end: End) {
+impl Observer for Record {
+    fn on_end(self: Box<Self>, bytes: u64, end: End) {
         let m = &self.state.metrics;
         let route = self.route.as_deref().unwrap_or(UNMATCHED);
         let status = self.status.to_string();

@@ -21,7 +21,7 @@ use http::{HeaderMap, HeaderName, HeaderValue};
 
 use crate::clock::DAY_MS;
 use crate::config::{Config, LimitPer, Tier};
-use crate::error::Error;
+use crate::error::{Error, Limit};
 
 type Gcra<C> = RateLimiter<Arc<str>, DashMapStateStore<Arc<str>>, C, StateInformationMiddleware>;
 
@@ -220,8 +220,9 @@ fn refill_ms(burst: u32, remaining: u32, rps: u32) -> i64 {
 pub struct Rejection {
     pub error: Error,
     pub quota: Quota,
-    /// `tollgate_rate_limited_total{limit}`.
-    pub limit: &'static str,
+    /// `tollgate_rate_limited_total{limit}`; `None` when no limit refused the request but the
+    /// configuration does not fit it (an unconfigured tier: 500, not 429).
+    pub limit: Option<Limit>,
 }
 
 pub struct Limiter<C: Clock + Clone = DefaultClock> {
@@ -294,9 +295,16 @@ impl<C: Clock + Clone> Limiter<C> {
             };
             (b, entity)
         } else {
-            let message =
-                format!("This key's tier `{tier}` is not configured on this server; ask an operator.");
-            return Err(reject("tier", tier, message, 3600, Quota::default()));
+            // A configuration problem, not a limit: retrying later (the old 429) would not help.
+            tracing::error!(tier, org = %org, "a key's tier is not configured; its requests get 500");
+            let message = format!(
+                "This key's tier `{tier}` is not configured on this server; an operator must configure the tier or move the key to another one."
+            );
+            return Err(Box::new(Rejection {
+                error: Error::Internal(message),
+                quota: Quota::default(),
+                limit: None,
+            }));
         };
         let mut quota = Quota::default();
         let now_ms = (self.wall)();
@@ -318,7 +326,13 @@ impl<C: Clock + Clone> Limiter<C> {
                     quota.daily = Some((budget, 0, until_midnight));
                     let message =
                         format!("Daily request budget of {budget} exhausted for tier `{tier}`; it resets at 00:00 UTC.");
-                    return Err(reject("daily_requests", tier, message, seconds_ceil(until_midnight), quota));
+                    return Err(reject(
+                        Limit::DailyRequests,
+                        tier,
+                        message,
+                        seconds_ceil(until_midnight),
+                        quota,
+                    ));
                 }
                 used.1 += 1;
                 quota.daily = Some((budget, budget - used.1, until_midnight));
@@ -349,7 +363,7 @@ impl<C: Clock + Clone> Limiter<C> {
                     let message = format!(
                         "Rate limit of {rps} requests per second (burst {burst}) exceeded for tier `{tier}`."
                     );
-                    return Err(reject("requests_per_second", tier, message, retry_after(wait), quota));
+                    return Err(reject(Limit::RequestsPerSecond, tier, message, retry_after(wait), quota));
                 }
             }
         }
@@ -393,21 +407,15 @@ pub async fn maintain(state: Arc<crate::state::State>) {
 
 /// A 429 for `limit`. Only the per-second limit clears by itself soon; the others tell SDKs
 /// not to retry (`x-should-retry: false`).
-fn reject(
-    limit: &'static str,
-    tier: &str,
-    message: String,
-    retry_after: u64,
-    quota: Quota,
-) -> Box<Rejection> {
+fn reject(limit: Limit, tier: &str, message: String, retry_after: u64, quota: Quota) -> Box<Rejection> {
     let error = Error::RateLimited {
         message,
         limit,
         tier: Some(tier.to_string()),
         retry_after,
-        exhausted: limit != "requests_per_second",
+        exhausted: limit != Limit::RequestsPerSecond,
     };
-    Box::new(Rejection { error, quota, limit })
+    Box::new(Rejection { error, quota, limit: Some(limit) })
 }
 
 /// `Retry-After` in whole seconds: rounded up, at least 1, so that a retry at that moment is

@@ -112,7 +112,7 @@ fn retry_after_is_rounded_up_and_a_retry_then_is_admitted() {
     let r = l.check("k1", "acme", "t").unwrap_err();
     let Error::RateLimited { retry_after, limit, exhausted, ref tier, .. } = r.error else { panic!() };
     assert_eq!(
-        (retry_after, limit, exhausted, tier.as_deref()),
+        (retry_after, limit.label(), exhausted, tier.as_deref()),
         (1, "requests_per_second", false, Some("t"))
     );
     f.advance(Duration::from_millis(999));
@@ -140,7 +140,7 @@ fn the_daily_budget_resets_at_midnight_utc() {
     assert_eq!(admit_all(&l, "acme"), 3);
     let r = l.check("k1", "acme", "t").unwrap_err();
     let Error::RateLimited { retry_after, limit, exhausted, .. } = r.error else { panic!() };
-    assert_eq!((retry_after, limit, exhausted), (1, "daily_requests", true));
+    assert_eq!((retry_after, limit.label(), exhausted), (1, "daily_requests", true));
     f.wall.store(NOON + DAY_MS / 2 - 1, Ordering::SeqCst);
     assert!(l.check("k1", "acme", "t").is_err(), "reset before midnight");
     f.wall.store(NOON + DAY_MS / 2, Ordering::SeqCst);
@@ -154,7 +154,7 @@ fn a_request_refused_by_one_limit_consumes_nothing_from_the_other() {
     let q = l.check("k1", "acme", "t").unwrap();
     assert_eq!(q.daily.map(|d| d.1), Some(4));
     let r = l.check("k1", "acme", "t").unwrap_err();
-    assert_eq!(r.limit, "requests_per_second");
+    assert_eq!(r.limit.unwrap(), "requests_per_second");
     assert_eq!(r.quota.daily.map(|d| d.1), Some(4), "the per-second refusal used the daily budget");
     f.advance(Duration::from_secs(1));
     assert_eq!(l.check("k1", "acme", "t").unwrap().daily.map(|d| d.1), Some(3));
@@ -162,7 +162,7 @@ fn a_request_refused_by_one_limit_consumes_nothing_from_the_other() {
     // Daily refusals leave the per-second bucket alone.
     let l = f.limiter("tiers: { t: { requests_per_second: 1, burst: 2, daily_requests: 1 } }");
     assert!(l.check("k1", "acme", "t").is_ok());
-    assert_eq!(l.check("k1", "acme", "t").unwrap_err().limit, "daily_requests");
+    assert_eq!(l.check("k1", "acme", "t").unwrap_err().limit.unwrap(), "daily_requests");
     f.wall.fetch_add(DAY_MS, Ordering::SeqCst);
     assert!(l.check("k1", "acme", "t").is_ok(), "the daily refusal consumed a per-second cell");
 }
@@ -194,9 +194,11 @@ fn overrides_replace_the_tier_limits() {
     assert!(l.check("vip", "small", "t").is_ok());
     assert!(l.check("vip", "small", "t").is_ok());
     let r = l.check("vip", "small", "t").unwrap_err();
-    assert_eq!(r.limit, "daily_requests");
+    assert_eq!(r.limit.unwrap(), "daily_requests");
+    // An unconfigured tier is not a limit: 500 `internal_error`, not a 429 to retry.
     let r = l.check("k1", "acme", "gone").unwrap_err();
-    assert_eq!(r.limit, "tier");
+    assert_eq!(r.limit, None);
+    assert_eq!(r.error.code(), "internal_error");
 }
 
 #[test]

@@ -258,16 +258,6 @@ async fn expired_and_wrong_workspace_keys_are_refused() {
         "--workspace",
         "staging",
     ]);
-    let short = tg.create_key(&[
-        "--org",
-        "acme",
-        "--tier",
-        "audit",
-        "--scope",
-        "inference:read",
-        "--expires-in",
-        "2s",
-    ]);
     let with = |key: &str| {
         get(&tg.url("/v1/models"))
             .header("authorization", format!("Bearer {key}"))
@@ -280,8 +270,20 @@ async fn expired_and_wrong_workspace_keys_are_refused() {
     // The harness's default key has the workspace of the config (prod): accepted.
     assert_eq!(send(&h1(), tg.get("/v1/models").body(Full::default()).unwrap()).await.status(), 200);
 
+    // Created just before its first use, with a margin for a loaded machine.
+    let created = std::time::Instant::now();
+    let short = tg.create_key(&[
+        "--org",
+        "acme",
+        "--tier",
+        "audit",
+        "--scope",
+        "inference:read",
+        "--expires-in",
+        "3s",
+    ]);
     assert_eq!(send(&h1(), with(&short)).await.status(), 200);
-    tokio::time::sleep(Duration::from_millis(2200)).await;
+    tokio::time::sleep(Duration::from_millis(3300).saturating_sub(created.elapsed())).await;
     let (rsp, body) = send_json(&h1(), with(&short)).await;
     assert_eq!(rsp.status(), 401, "a cached key outlived its expiry");
     assert_eq!(body["error"]["message"], "This API key has expired.");
