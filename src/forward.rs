@@ -4,21 +4,31 @@
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::uri::PathAndQuery;
 use http::{Request, Response, Uri, Version};
 use hyper::body::Incoming;
 
-use crate::body::{Body, Guarded, Stop, StopFlag};
+use crate::body::{Body, Guarded, Outgoing, Stop, StopFlag};
 use crate::config;
 use crate::error::Error;
 use crate::upstream::{self, Pooled, SendError};
 
 /// The pooled, keep-alive upstream client (`upstream.rs`).
-pub type Client = upstream::Client<Guarded<Incoming>>;
+pub type Client = upstream::Client<Guarded<Outgoing>>;
 
 /// An upstream response body, holding its connection until read to the end.
-pub type UpstreamBody = Pooled<Incoming, Guarded<Incoming>>;
+pub type UpstreamBody = Pooled<Incoming, Guarded<Outgoing>>;
+
+/// Replaces a request's body with `bytes` (at most `limits.max_body_bytes`; the caller read the
+/// original within that limit), with the matching `content-length`.
+pub fn rewrite_body(req: &mut Request<Outgoing>, bytes: Bytes) {
+    let h = req.headers_mut();
+    h.remove(header::TRANSFER_ENCODING);
+    h.insert(header::CONTENT_LENGTH, HeaderValue::from(bytes.len()));
+    *req.body_mut() = Outgoing::Rewritten(Some(bytes));
+}
 
 /// How long an unused upstream connection is kept open.
 const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
@@ -169,11 +179,11 @@ pub struct Caller<'a> {
 /// headers; the upstream's authority.
 pub fn prepare(
     up: &Upstream,
-    req: Request<Incoming>,
+    req: Request<Outgoing>,
     peer: &Peer,
     request_id: &HeaderValue,
     caller: Option<Caller<'_>>,
-) -> Result<(Request<Guarded<Incoming>>, StopFlag), Error> {
+) -> Result<(Request<Guarded<Outgoing>>, StopFlag), Error> {
     let (mut parts, body) = req.into_parts();
     if let Some(len) = content_length(&parts.headers) {
         if len > up.max_body_bytes {
@@ -283,7 +293,7 @@ pub struct Sent {
 pub async fn send(
     client: &Client,
     up: &Upstream,
-    req: Request<Guarded<Incoming>>,
+    req: Request<Guarded<Outgoing>>,
     flag: StopFlag,
 ) -> Result<Sent, (Error, Option<Failure>)> {
     let started = Instant::now();
@@ -340,6 +350,42 @@ pub async fn send(
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+
+    /// A rewritten body goes upstream whole, with its own `content-length` (the client's
+    /// length and chunked framing are gone).
+    #[tokio::test]
+    async fn a_rewritten_body_is_forwarded_with_its_length() {
+        use http_body_util::BodyExt;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            let (tcp, _) = listener.accept().await.unwrap();
+            let svc = hyper::service::service_fn(|req: Request<Incoming>| async move {
+                let length = req.headers().get(header::CONTENT_LENGTH).cloned();
+                let chunked = req.headers().contains_key(header::TRANSFER_ENCODING);
+                let body = req.into_body().collect().await.unwrap().to_bytes();
+                let seen = format!("{length:?} {chunked} {}", String::from_utf8_lossy(&body));
+                Ok::<_, std::convert::Infallible>(Response::new(http_body_util::Full::new(Bytes::from(seen))))
+            });
+            let io = hyper_util::rt::TokioIo::new(tcp);
+            let _ = hyper::server::conn::http1::Builder::new().serve_connection(io, svc).await;
+        });
+        let up_config =
+            crate::config::Config::from_yaml(&format!("upstream: {{ url: \"http://{addr}\" }}"), "t")
+                .unwrap();
+        let up = Upstream::new(&up_config.upstream, &up_config.limits, None);
+        let mut req = Request::post("/v1/chat/completions")
+            .header(header::CONTENT_LENGTH, "2")
+            .header(header::TRANSFER_ENCODING, "chunked")
+            .body(Outgoing::Rewritten(Some(Bytes::from_static(b"{}"))))
+            .unwrap();
+        rewrite_body(&mut req, Bytes::from_static(br#"{"stream_options":{"include_usage":true}}"#));
+        let peer = Peer::new("127.0.0.1:1".parse().unwrap(), false);
+        let (req, flag) = prepare(&up, req, &peer, &HeaderValue::from_static("id"), None).unwrap();
+        let sent = send(&client(&up_config.upstream), &up, req, flag).await.map_err(|(e, _)| e).unwrap();
+        let body = sent.response.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(body, r#"Some("41") false {"stream_options":{"include_usage":true}}"#);
+    }
 
     #[test]
     fn connection_nominated_headers_are_removed_first() {

@@ -15,7 +15,7 @@ use std::time::Instant;
 use http::{HeaderMap, HeaderValue, Request, Response};
 use hyper::body::Incoming;
 
-use crate::body::{Body, End, Observer, Stop};
+use crate::body::{Body, End, Observer, Outgoing, Stop};
 use crate::error::Error;
 use crate::forward::{self, Peer};
 use crate::keys_api;
@@ -147,6 +147,7 @@ impl Proxy {
         route: &Route,
         caller: Option<forward::Caller<'_>>,
     ) -> Result<Response<Body>, Error> {
+        let req = req.map(Outgoing::Client);
         let (upstream_req, flag) = forward::prepare(&snap.upstream, req, peer, request_id, caller)?;
         let sent = forward::send(&snap.client, &snap.upstream, upstream_req, flag).await.map_err(
             |(e, failure)| {
