@@ -6,8 +6,8 @@ use http::{HeaderMap, Method, Uri, Version};
 
 use tollgate::config::RouteSpec;
 use tollgate::error::Error;
-use tollgate::scope::RouteTable;
-use tollgate::target::{check_target, reject_key_in_url};
+use tollgate::proxy::routes::RouteTable;
+use tollgate::proxy::target::{check_target, reject_key_in_url};
 
 fn target(c: &mut Criterion) {
     let uri: Uri = "/v1/chat/completions?stream=true".parse().unwrap_or_default();

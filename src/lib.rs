@@ -37,11 +37,9 @@ pub mod priority;
 pub mod proxy;
 pub mod ratelimit;
 pub mod reload;
-pub mod scope;
 pub mod server;
 pub mod state;
 pub mod store;
-pub mod target;
 pub mod tls;
 pub mod upstream;
 

@@ -14,8 +14,8 @@ use crate::auth::Authenticator;
 use crate::config::{Config, ConfigError, Problem};
 use crate::forward;
 use crate::metrics::Metrics;
+use crate::proxy::routes::RouteTable;
 use crate::ratelimit::Limiter;
-use crate::scope::RouteTable;
 
 /// One config generation, immutable once built.
 pub struct Snapshot {

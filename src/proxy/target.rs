@@ -1,8 +1,9 @@
-//! The request target, checked before anything else (§1, §7): keys in the URL are refused, and a
+//! The request head, checked before anything else (§1, §7): keys in the URL are refused, a
 //! path that the upstream could read as a different route than the route table does — dot
 //! segments, encoded dots or slashes, empty segments, absolute-form aimed elsewhere — is
-//! rejected with 400, never normalised. What passes here is forwarded byte for byte, so the path
-//! the scope check evaluates is exactly the path the upstream receives.
+//! rejected with 400, never normalised, and headers past the size limits get 431. What passes
+//! here is forwarded byte for byte, so the path the scope check evaluates is exactly the path
+//! the upstream receives.
 
 use http::{header, HeaderMap, Uri, Version};
 
@@ -137,6 +138,23 @@ fn decode_component(s: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
+/// Header fields a request may carry: hyper's HTTP/1.1 parser refuses more (a bare 431), and
+/// HTTP/2 requests get the same limit here, with the JSON 431.
+const MAX_HEADER_FIELDS: usize = 100;
+
+/// 431 before anything else reads the headers. Counted as they travel on an HTTP/1.1 wire
+/// (`name: value\r\n`), so the limit means the same for HTTP/1.1 and HTTP/2 clients.
+pub fn check_header_size(headers: &HeaderMap, limit: usize) -> Result<(), Error> {
+    if headers.len() > MAX_HEADER_FIELDS {
+        return Err(Error::TooManyHeaders { max: MAX_HEADER_FIELDS });
+    }
+    let size: usize = headers.iter().map(|(k, v)| k.as_str().len() + v.len() + 4).sum();
+    if size > limit {
+        return Err(Error::HeadersTooLarge { limit });
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
@@ -231,5 +249,13 @@ mod tests {
         assert!(check_target(&uri, Version::HTTP_11, &h).is_ok());
         // HTTP/2 always has an authority in the URI.
         assert!(check_target(&uri, Version::HTTP_2, &HeaderMap::new()).is_ok());
+    }
+
+    #[test]
+    fn header_size_counts_names_and_values() {
+        let mut h = HeaderMap::new();
+        h.insert("a", http::HeaderValue::from_static("bc")); // 1 + 2 + 4 = 7
+        assert!(check_header_size(&h, 7).is_ok());
+        assert_eq!(check_header_size(&h, 6).unwrap_err(), Error::HeadersTooLarge { limit: 6 });
     }
 }

@@ -1,0 +1,102 @@
+//! The request context (Pingora's `CTX`): what the pipeline learns about one request, step by
+//! step — who sent it, its route, the caller, the admission decision — read when the response
+//! is written and by the access log.
+//!
+//! It is also the guard that every request is reported once: `answer` hands its record to the
+//! response body, which reports when the body ends; a context dropped unanswered (the client
+//! left before the response headers, and hyper dropped the request's future) reports the
+//! request itself, as `client_gone`, and releases the in-flight gauge.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use http::{HeaderValue, Request, Response};
+use hyper::body::Incoming;
+
+use super::access_log::{redact_keys, Record, CLIENT_GONE_STATUS};
+use crate::auth::Principal;
+use crate::body::{Body, End, Observer};
+use crate::forward::{self, Peer};
+use crate::metrics::method_label;
+use crate::ratelimit::Quota;
+use crate::state::{Snapshot, State};
+
+pub struct Ctx {
+    state: Arc<State>,
+    started: Instant,
+    pub request_id: HeaderValue,
+    /// The connection's peer, and the client's address as trusted proxies report it.
+    pub peer: Peer,
+    method: &'static str,
+    /// The access log's copy of the path, keys redacted; empty when that log is off.
+    log_path: String,
+    /// The matched route's label (`None`: unmatched).
+    pub route: Option<Arc<str>>,
+    /// The caller, once authenticated.
+    pub principal: Option<Arc<Principal>>,
+    /// The admission decision, for the rate-limit headers (refusals carry one too).
+    pub quota: Option<Quota>,
+    answered: bool,
+}
+
+impl Ctx {
+    /// Starts a request's context; from here on the request is in flight.
+    pub fn new(state: Arc<State>, snap: &Snapshot, req: &Request<Incoming>, mut peer: Peer) -> Ctx {
+        peer.client = snap.config.trusted_proxies.client_ip(peer.addr.ip(), req.headers());
+        let log_path = if tracing::enabled!(target: "access", tracing::Level::INFO) {
+            redact_keys(req.uri().path(), &snap.config.auth.key_prefix)
+        } else {
+            String::new()
+        };
+        state.metrics.inflight.inc();
+        Ctx {
+            state,
+            started: Instant::now(),
+            request_id: forward::request_id(req.headers()),
+            peer,
+            method: method_label(req.method()),
+            log_path,
+            route: None,
+            principal: None,
+            quota: None,
+            answered: false,
+        }
+    }
+
+    /// Writes what the response carries from the context (`x-request-id`, the rate-limit
+    /// headers) and hands the request's record to its body.
+    pub fn answer(mut self, rsp: &mut Response<Body>, code: &'static str) {
+        // x-request-id and up to five rate-limit headers: one growth of the map, not several.
+        rsp.headers_mut().reserve(6);
+        rsp.headers_mut().insert(forward::X_REQUEST_ID, self.request_id.clone());
+        if let Some(q) = self.quota.take() {
+            q.write_headers(rsp.headers_mut());
+        }
+        let record = self.record(rsp.status().as_u16(), code);
+        rsp.body_mut().observe(Box::new(record));
+    }
+
+    /// The record of this request; the context is answered from then on.
+    fn record(&mut self, status: u16, code: &'static str) -> Record {
+        self.answered = true;
+        Record {
+            state: self.state.clone(),
+            started: self.started,
+            route: self.route.take(),
+            method: self.method,
+            path: std::mem::take(&mut self.log_path),
+            status,
+            code,
+            request_id: self.request_id.clone(),
+            peer: self.peer.client,
+        }
+    }
+}
+
+impl Drop for Ctx {
+    fn drop(&mut self) {
+        if !self.answered {
+            Box::new(self.record(CLIENT_GONE_STATUS, "client_gone")).on_end(0, End::ClientGone);
+        }
+    }
+}
