@@ -22,9 +22,9 @@ use tokio::sync::oneshot;
 use crate::clock;
 use crate::config;
 use crate::error::Error;
-use crate::forward::Identity;
 use crate::keys::{self, KeyRecord, KeyStore, StoreError, Verified};
 use crate::metrics::Metrics;
+use crate::upstream::Identity;
 
 /// What the keys of one organisation, workspace, tier and scope set have in common. Interned:
 /// every cached key of a profile points at one copy, so a cached key costs little more than its

@@ -194,7 +194,7 @@ pub struct Config {
     pub routes: RouteSpec,
     pub default_scope: Option<String>,
     /// Peers whose `x-forwarded-for` is believed for the client's address (`client_addr.rs`).
-    pub trusted_proxies: crate::client_addr::TrustedProxies,
+    pub trusted_proxies: crate::net::client_addr::TrustedProxies,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -542,7 +542,7 @@ impl Validator {
             tiers,
             routes,
             default_scope,
-            trusted_proxies: crate::client_addr::TrustedProxies(trusted),
+            trusted_proxies: crate::net::client_addr::TrustedProxies(trusted),
         }
     }
 

@@ -23,24 +23,20 @@
 
 pub mod auth;
 pub mod body;
-pub mod client_addr;
 pub mod clock;
 pub mod config;
 pub mod error;
-pub mod forward;
 pub mod keys;
 pub mod keys_api;
-pub mod listener;
 pub mod manage;
 pub mod metrics;
+pub mod net;
 pub mod priority;
 pub mod proxy;
 pub mod ratelimit;
 pub mod reload;
-pub mod server;
 pub mod state;
 pub mod store;
-pub mod tls;
 pub mod upstream;
 
 use std::future::Future;
@@ -61,16 +57,17 @@ pub async fn serve(
     let metrics = metrics::Metrics::new().map_err(|e| format!("metrics: {e}"))?;
     let snapshot = state::Snapshot::build(config, None).map_err(|e| e.to_string())?;
     let certs = match &snapshot.config.tls {
-        Some(files) => Some(Arc::new(tls::Certificates::load(files)?)),
+        Some(files) => Some(Arc::new(net::tls::Certificates::load(files)?)),
         None => None,
     };
     let acceptor = match &certs {
-        Some(c) => Some(tokio_rustls::TlsAcceptor::from(tls::server_config(c.clone())?)),
+        Some(c) => Some(tokio_rustls::TlsAcceptor::from(net::tls::server_config(c.clone())?)),
         None => None,
     };
     let store = store::open(&snapshot.config.store).await.map_err(|e| format!("store.sqlite: {e}"))?;
     let auth = Arc::new(auth::Authenticator::new(store, &snapshot.config.auth)?);
-    let listeners = listener::Listeners::bind(snapshot.config.listen, snapshot.config.admin_listen).await?;
+    let listeners =
+        net::listener::Listeners::bind(snapshot.config.listen, snapshot.config.admin_listen).await?;
     let public = listeners.public.local_addr().map_err(|e| e.to_string())?;
     let admin = listeners.admin.local_addr().map_err(|e| e.to_string())?;
     let state = Arc::new(state::State::new(snapshot, metrics, auth.clone(), config_path));
@@ -87,7 +84,7 @@ pub async fn serve(
     let reload_task = tokio::spawn(reloader.run());
     let auth_task = tokio::spawn(auth::maintain(auth.clone(), state.clone()));
     let limits_task = tokio::spawn(ratelimit::maintain(state.clone()));
-    listener::serve(state, listeners, acceptor, shutdown).await;
+    net::listener::serve(state, listeners, acceptor, shutdown).await;
     reload_task.abort();
     auth_task.abort();
     limits_task.abort();

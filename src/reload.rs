@@ -16,8 +16,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::config::{Config, TlsFiles};
+use crate::net::tls::Certificates;
 use crate::state::{Snapshot, State};
-use crate::tls::Certificates;
 
 const POLL: Duration = Duration::from_secs(1);
 

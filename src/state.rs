@@ -12,10 +12,10 @@ use http::HeaderValue;
 
 use crate::auth::Authenticator;
 use crate::config::{Config, ConfigError, Problem};
-use crate::forward;
 use crate::metrics::Metrics;
 use crate::proxy::routes::RouteTable;
 use crate::ratelimit::Limiter;
+use crate::upstream;
 
 /// One config generation, immutable once built.
 pub struct Snapshot {
@@ -23,8 +23,8 @@ pub struct Snapshot {
     /// Rate-limit state; unchanged tiers keep theirs across reloads.
     pub limiter: Arc<Limiter>,
     pub routes: RouteTable,
-    pub upstream: forward::Upstream,
-    pub client: forward::Client,
+    pub upstream: upstream::Upstream,
+    pub client: upstream::Client,
 }
 
 impl Snapshot {
@@ -55,12 +55,12 @@ impl Snapshot {
             {
                 p.client.clone()
             }
-            _ => forward::client(&config.upstream),
+            _ => upstream::client(&config.upstream),
         };
         Ok(Snapshot {
             limiter: Arc::new(Limiter::from_config(&config, previous.map(|p| p.limiter.as_ref()))),
             routes: RouteTable::new(&config.routes, config.default_scope.as_deref()),
-            upstream: forward::Upstream::new(&config.upstream, &config.limits, authorization),
+            upstream: upstream::Upstream::new(&config.upstream, &config.limits, authorization),
             client,
             config,
         })

@@ -6,7 +6,7 @@ use std::task::{Context, Poll};
 use bytes::Bytes;
 use http_body::{Body as HttpBody, Frame, SizeHint};
 
-/// rewrote (a JSON body with a field added) and sends whole. `forward::rewrite_body` sets the
+/// rewrote (a JSON body with a field added) and sends whole. `upstream::rewrite_body` sets the
 /// matching `content-length`.
 pub enum Outgoing {
     Client(hyper::body::Incoming),

@@ -16,10 +16,11 @@ use hyper::body::Incoming;
 use super::access_log::{redact_keys, Record, CLIENT_GONE_STATUS};
 use crate::auth::Principal;
 use crate::body::{Body, End, Observer};
-use crate::forward::{self, Peer};
 use crate::metrics::method_label;
+use crate::net::Peer;
 use crate::ratelimit::Quota;
 use crate::state::{Snapshot, State};
+use crate::upstream;
 
 pub struct Ctx {
     state: Arc<State>,
@@ -52,7 +53,7 @@ impl Ctx {
         Ctx {
             state,
             started: Instant::now(),
-            request_id: forward::request_id(req.headers()),
+            request_id: upstream::request_id(req.headers()),
             peer,
             method: method_label(req.method()),
             log_path,
@@ -68,7 +69,7 @@ impl Ctx {
     pub fn answer(mut self, rsp: &mut Response<Body>, code: &'static str) {
         // x-request-id and up to five rate-limit headers: one growth of the map, not several.
         rsp.headers_mut().reserve(6);
-        rsp.headers_mut().insert(forward::X_REQUEST_ID, self.request_id.clone());
+        rsp.headers_mut().insert(upstream::X_REQUEST_ID, self.request_id.clone());
         if let Some(q) = self.quota.take() {
             q.write_headers(rsp.headers_mut());
         }

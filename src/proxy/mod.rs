@@ -23,9 +23,10 @@ use hyper::body::Incoming;
 
 use crate::body::{Body, Outgoing};
 use crate::error::Error;
-use crate::forward::{self, Peer};
 use crate::keys_api;
+use crate::net::Peer;
 use crate::state::{Snapshot, State};
+use crate::upstream;
 use context::Ctx;
 use routes::{Handler, Route};
 use target::{check_header_size, check_target, reject_key_in_url};
@@ -126,10 +127,11 @@ impl Proxy {
         route: &Route,
     ) -> Result<Response<Body>, Error> {
         let caller =
-            ctx.principal.as_deref().map(|p| forward::Caller { key_id: &p.key_id, identity: &p.identity });
+            ctx.principal.as_deref().map(|p| upstream::Caller { key_id: &p.key_id, identity: &p.identity });
         let req = req.map(Outgoing::Client);
-        let (upstream_req, flag) = forward::prepare(&snap.upstream, req, &ctx.peer, &ctx.request_id, caller)?;
-        let sent = forward::send(&snap.client, &snap.upstream, upstream_req, flag).await.map_err(
+        let (upstream_req, flag) =
+            upstream::prepare(&snap.upstream, req, &ctx.peer, &ctx.request_id, caller)?;
+        let sent = upstream::send(&snap.client, &snap.upstream, upstream_req, flag).await.map_err(
             |(e, failure)| {
                 if let Some(f) = failure {
                     self.state.metrics.upstream_errors.with_label_values(&[f.label()]).inc();

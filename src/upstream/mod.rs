@@ -1,11 +1,16 @@
-//! Forwarding (§7): the pooled upstream client, header hygiene in both directions, and the
-//! streaming request/response bodies. Last step of the pipeline.
+//! Forwarding (§7), the pipeline's last step: the request rewritten for the upstream, sent on
+//! the pooled client (`pool.rs`), and its streaming response, with header hygiene in both
+//! directions (`headers.rs`).
 
-use std::net::SocketAddr;
+mod headers;
+pub mod pool;
+
+pub use headers::{request_id, Caller, Identity, IDENTITY_PREFIX, X_REQUEST_ID};
+
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::header::{self, HeaderValue};
 use http::uri::PathAndQuery;
 use http::{Request, Response, Uri, Version};
 use hyper::body::Incoming;
@@ -13,10 +18,12 @@ use hyper::body::Incoming;
 use crate::body::{Body, Guarded, Outgoing, Stop, StopFlag};
 use crate::config;
 use crate::error::Error;
-use crate::upstream::{self, Pooled, SendError};
+use crate::net::Peer;
+use headers::*;
+use pool::{Pooled, SendError};
 
-/// The pooled, keep-alive upstream client (`upstream.rs`).
-pub type Client = upstream::Client<Guarded<Outgoing>>;
+/// The pooled, keep-alive upstream client (`pool.rs`).
+pub type Client = pool::Client<Guarded<Outgoing>>;
 
 /// An upstream response body, holding its connection until read to the end.
 pub type UpstreamBody = Pooled<Incoming, Guarded<Outgoing>>;
@@ -37,7 +44,7 @@ const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
 pub fn client(up: &config::Upstream) -> Client {
     let authority = up.url.authority().map_or("127.0.0.1:8000", |a| a.as_str());
     let address = if up.url.port_u16().is_some() { authority.to_string() } else { format!("{authority}:80") };
-    upstream::Client::new(address, up.connect_timeout, POOL_IDLE_TIMEOUT, up.max_connections)
+    pool::Client::new(address, up.connect_timeout, POOL_IDLE_TIMEOUT, up.max_connections)
 }
 
 /// Where and how requests are sent: one config generation's view of `upstream` and `limits`.
@@ -71,108 +78,6 @@ impl Upstream {
             max_body_bytes: limits.max_body_bytes,
         }
     }
-}
-
-/// What the connection knows about the client.
-#[derive(Debug, Clone)]
-pub struct Peer {
-    pub addr: SocketAddr,
-    pub tls: bool,
-    /// The client's address for this request: the peer's, or what a trusted proxy in front
-    /// recorded (`client_addr.rs`). Set per request by the pipeline.
-    pub client: std::net::IpAddr,
-    /// The client's address as `x-forwarded-for` carries it, rendered once per connection
-    /// rather than once per request.
-    ip: HeaderValue,
-}
-
-impl Peer {
-    pub fn new(addr: SocketAddr, tls: bool) -> Peer {
-        let ip = HeaderValue::from_str(&addr.ip().to_canonical().to_string())
-            .unwrap_or(HeaderValue::from_static("unknown"));
-        Peer { addr, tls, client: addr.ip(), ip }
-    }
-}
-
-/// Identity headers: set by tollgate, never trusted from the client.
-pub const IDENTITY_PREFIX: &str = "x-tollgate-";
-
-/// Headers that describe one connection, not the message (RFC 9110 §7.6.1), plus the proxy
-/// ones. Removed in both directions.
-const HOP_BY_HOP: &[&str] = &[
-    "connection",
-    "keep-alive",
-    "proxy-connection",
-    "proxy-authenticate",
-    "proxy-authorization",
-    "te",
-    "trailer",
-    "transfer-encoding",
-    "upgrade",
-];
-
-/// Removes hop-by-hop headers, including every header the `Connection` header nominates.
-/// Nominated ones go first, before tollgate adds anything, so a client cannot use `Connection`
-/// to erase a header tollgate sets (§7).
-///
-/// `strip_identity` also removes every `x-tollgate-*` header (client requests: identity headers
-/// are tollgate's to set). One pass over the names finds out whether anything must go at all —
-/// the common case on every request and response, where a lookup per name would cost more.
-fn remove_hop_by_hop(h: &mut HeaderMap, strip_identity: bool) {
-    let is_identity = |k: &HeaderName| strip_identity && k.as_str().starts_with(IDENTITY_PREFIX);
-    if !h.keys().any(|k| HOP_BY_HOP.contains(&k.as_str()) || is_identity(k)) {
-        return;
-    }
-    let nominated: Vec<HeaderName> = h
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
-        .collect();
-    for name in &nominated {
-        h.remove(name);
-    }
-    for name in HOP_BY_HOP {
-        h.remove(*name);
-    }
-    if strip_identity {
-        let forged: Vec<HeaderName> = h.keys().filter(|k| is_identity(k)).cloned().collect();
-        for k in forged {
-            h.remove(k);
-        }
-    }
-}
-
-/// The request id of a request: the client's if it is sane, otherwise a fresh one.
-pub fn request_id(headers: &HeaderMap) -> HeaderValue {
-    if let Some(v) = headers.get(X_REQUEST_ID) {
-        let ok = !v.is_empty() && v.len() <= 128 && v.as_bytes().iter().all(|b| b.is_ascii_graphic());
-        if ok {
-            return v.clone();
-        }
-    }
-    const HEX: &[u8; 16] = b"0123456789abcdef";
-    let mut id = [0u8; 32];
-    let bits = fastrand::u128(..);
-    for (i, b) in id.iter_mut().enumerate() {
-        *b = HEX[usize::from(((bits >> (4 * i)) & 0xf) as u8)];
-    }
-    // 32 hex digits are always a valid header value.
-    HeaderValue::from_bytes(&id).unwrap_or(HeaderValue::from_static("0"))
-}
-
-/// Identity of the authenticated caller, sent upstream as `x-tollgate-*` headers.
-#[derive(Debug, Default, Clone)]
-pub struct Identity {
-    pub headers: Vec<(HeaderName, HeaderValue)>,
-}
-
-/// The authenticated caller of a request, as the upstream learns it.
-#[derive(Debug, Clone, Copy)]
-pub struct Caller<'a> {
-    pub key_id: &'a str,
-    pub identity: &'a Identity,
 }
 
 /// Rewrites a client request into the upstream request: same method, path and body; cleaned
@@ -232,33 +137,6 @@ pub fn prepare(
     let body = Guarded::new(body, up.idle, Some(up.max_body_bytes), Some(flag.clone()));
     Ok((Request::from_parts(parts, body), flag))
 }
-
-fn content_length(h: &HeaderMap) -> Option<u64> {
-    h.get(header::CONTENT_LENGTH)?.to_str().ok()?.trim().parse().ok()
-}
-
-fn append_forwarded_for(h: &mut HeaderMap, peer: &Peer) {
-    let value = match h.get(X_FORWARDED_FOR) {
-        Some(prev) if !prev.as_bytes().trim_ascii().is_empty() => {
-            let mut v = Vec::with_capacity(prev.len() + 2 + peer.ip.len());
-            v.extend_from_slice(prev.as_bytes());
-            v.extend_from_slice(b", ");
-            v.extend_from_slice(peer.ip.as_bytes());
-            match HeaderValue::from_bytes(&v) {
-                Ok(v) => v,
-                Err(_) => return,
-            }
-        }
-        _ => peer.ip.clone(),
-    };
-    h.insert(X_FORWARDED_FOR, value);
-}
-
-const X_TOLLGATE_KEY_ID: HeaderName = HeaderName::from_static("x-tollgate-key-id");
-const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
-const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
-const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
-pub const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
 /// Upstream failures, recorded as `tollgate_upstream_errors_total{kind}`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -385,39 +263,5 @@ mod tests {
         let sent = send(&client(&up_config.upstream), &up, req, flag).await.map_err(|(e, _)| e).unwrap();
         let body = sent.response.into_body().collect().await.unwrap().to_bytes();
         assert_eq!(body, r#"Some("41") false {"stream_options":{"include_usage":true}}"#);
-    }
-
-    #[test]
-    fn connection_nominated_headers_are_removed_first() {
-        let mut h = HeaderMap::new();
-        h.insert(header::CONNECTION, "close, x-secret, X-Tollgate-Org".parse().unwrap());
-        h.insert("x-secret", "1".parse().unwrap());
-        h.insert("keep-alive", "timeout=5".parse().unwrap());
-        h.insert("x-kept", "1".parse().unwrap());
-        remove_hop_by_hop(&mut h, false);
-        assert!(h.get("x-secret").is_none());
-        assert!(h.get("keep-alive").is_none());
-        assert!(h.get(header::CONNECTION).is_none());
-        assert_eq!(h["x-kept"], "1");
-    }
-
-    #[test]
-    fn forwarded_for_appends() {
-        let mut h = HeaderMap::new();
-        append_forwarded_for(&mut h, &Peer::new("10.0.0.1:5".parse().unwrap(), false));
-        assert_eq!(h["x-forwarded-for"], "10.0.0.1");
-        append_forwarded_for(&mut h, &Peer::new("[::ffff:10.0.0.2]:5".parse().unwrap(), false));
-        assert_eq!(h["x-forwarded-for"], "10.0.0.1, 10.0.0.2");
-    }
-
-    #[test]
-    fn request_ids_are_kept_when_sane() {
-        let mut h = HeaderMap::new();
-        h.insert("x-request-id", "abc-123".parse().unwrap());
-        assert_eq!(request_id(&h), "abc-123");
-        h.insert("x-request-id", "has space".parse().unwrap());
-        let generated = request_id(&h);
-        assert_eq!(generated.len(), 32);
-        assert_ne!(generated, request_id(&HeaderMap::new()));
     }
 }

@@ -13,9 +13,9 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, Semaphore};
 use tokio_rustls::TlsAcceptor;
 
-use crate::forward::Peer;
+use crate::net::server;
+use crate::net::Peer;
 use crate::proxy::Proxy;
-use crate::server;
 use crate::state::State;
 
 /// Both bound sockets. Binding happens before anything is served, so a port conflict is a
@@ -164,6 +164,6 @@ async fn accept_admin(
             _ = stop.wait_for(|s| *s) => return graceful,
             conn = accept(&listener) => conn,
         };
-        tokio::spawn(server::serve_admin(tcp, state.clone(), graceful.watcher()));
+        tokio::spawn(super::admin::serve_admin(tcp, state.clone(), graceful.watcher()));
     }
 }

@@ -1,15 +1,13 @@
-//! HTTP serving: the hyper-util auto builder (HTTP/1.1 and h2c/h2 on one port) with its timers
-//! and limits, the per-connection service that hands requests to the pipeline, and the admin
-//! routes (`/healthz`, `/readyz`, `/metrics`).
+//! HTTP serving of the public listener: the hyper-util auto builder (HTTP/1.1 and h2c/h2 on one
+//! port) with its timers and limits, and the per-connection service that hands requests to the
+//! pipeline.
 
 use std::convert::Infallible;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
-use http::{header, HeaderValue, Method, Request, Response, StatusCode};
-use http_body_util::Full;
+use http::Request;
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -18,9 +16,8 @@ use hyper_util::server::graceful::Watcher;
 use tokio::io::{AsyncRead, AsyncWrite};
 
 use crate::config::Limits;
-use crate::forward::Peer;
+use crate::net::Peer;
 use crate::proxy::Proxy;
-use crate::state::State;
 
 /// hyper's own header buffer must be larger than `max_header_bytes`, so that oversized headers
 /// reach the pipeline and get the JSON 431 of §5. Past this hard cap hyper answers a bare 431.
@@ -83,50 +80,5 @@ where
     };
     if let Err(e) = res {
         tracing::debug!(peer = %addr, error = %e, "connection ended with an error");
-    }
-}
-
-/// The admin listener's routes.
-pub fn admin(state: &State, req: &Request<Incoming>) -> Response<Full<Bytes>> {
-    let text = |status: StatusCode, body: &'static str| {
-        let mut r = Response::new(Full::new(Bytes::from_static(body.as_bytes())));
-        *r.status_mut() = status;
-        r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
-        r
-    };
-    if req.method() != Method::GET && req.method() != Method::HEAD {
-        return text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n");
-    }
-    match req.uri().path() {
-        "/healthz" => text(StatusCode::OK, "ok\n"),
-        "/readyz" if state.is_draining() => text(StatusCode::SERVICE_UNAVAILABLE, "draining\n"),
-        "/readyz" if !state.is_store_ok() => text(StatusCode::SERVICE_UNAVAILABLE, "key store unavailable\n"),
-        "/readyz" => text(StatusCode::OK, "ready\n"),
-        "/metrics" => {
-            let mut r = Response::new(Full::new(Bytes::from(state.metrics.render())));
-            r.headers_mut().insert(
-                header::CONTENT_TYPE,
-                HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
-            );
-            r
-        }
-        _ => text(StatusCode::NOT_FOUND, "not found: try /healthz, /readyz or /metrics\n"),
-    }
-}
-
-/// Serves one admin connection (HTTP/1.1 and h2c, like the public listener).
-pub async fn serve_admin<I>(io: I, state: Arc<State>, watcher: Watcher)
-where
-    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-{
-    let service = service_fn(move |req: Request<Incoming>| {
-        let rsp = admin(&state, &req);
-        async move { Ok::<_, Infallible>(rsp) }
-    });
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder.http1().timer(TokioTimer::new()).header_read_timeout(Duration::from_secs(10));
-    let conn = builder.serve_connection(TokioIo::new(io), service).into_owned();
-    if let Err(e) = watcher.watch(conn).await {
-        tracing::debug!(error = %e, "admin connection ended with an error");
     }
 }
