@@ -7,7 +7,7 @@
 use criterion::{black_box, criterion_group, criterion_main, Criterion};
 
 use tollgate::config::Config;
-use tollgate::ratelimit::Limiter;
+use tollgate::limits::Limiter;
 
 const ORGS: usize = 100_000;
 

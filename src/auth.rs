@@ -212,7 +212,7 @@ pub struct Authenticator {
 }
 
 /// Changes are read with an overlap, so that a write racing the previous poll is not missed.
-const CHANGE_OVERLAP_MS: i64 = 2_000;
+pub const CHANGE_OVERLAP_MS: i64 = 2_000;
 
 impl Authenticator {
     pub fn new(store: Arc<dyn KeyStore>, cfg: &config::Auth) -> Result<Authenticator, String> {
@@ -558,56 +558,6 @@ fn bearer(headers: &HeaderMap) -> Result<&str, Reason> {
         return Err(Reason::Malformed);
     }
     std::str::from_utf8(token).map_err(|_| Reason::Malformed)
-}
-
-/// Background work of the authenticator: picks up revocations made elsewhere, writes last-used
-/// timestamps in batches, purges keys past the restore window.
-pub async fn maintain(auth: Arc<Authenticator>, state: Arc<crate::state::State>) {
-    const FLUSH_EVERY: Duration = Duration::from_secs(10);
-    const PURGE_EVERY: Duration = Duration::from_secs(3600);
-    let mut since = clock::now_ms() - CHANGE_OVERLAP_MS;
-    let mut last_flush = Instant::now();
-    let mut last_purge: Option<Instant> = None;
-    loop {
-        let cfg = state.snapshot().config.auth.clone();
-        tokio::time::sleep(cfg.revocation_poll).await;
-        let now = clock::now_ms();
-        match auth.store.check().await {
-            Ok(()) => {
-                if !state.set_store_ok(true) {
-                    tracing::info!("the key store is usable again; readiness restored");
-                }
-            }
-            Err(e) => {
-                if state.set_store_ok(false) {
-                    tracing::error!(error = %e, "the key store cannot be used; readiness is 503");
-                }
-            }
-        }
-        match auth.poll_changes(since).await {
-            Ok(next) => since = next,
-            Err(e) => tracing::warn!(error = %e, "cannot poll the key store for revocations"),
-        }
-        // sqlx starts a SQLite worker thread per connection, on demand: found by name.
-        crate::priority::lower_threads_named("sqlx-sqlite");
-        if last_flush.elapsed() >= FLUSH_EVERY {
-            last_flush = Instant::now();
-            flush_usage(&auth).await;
-            auth.forget_quiet_sources();
-        }
-        if last_purge.is_none_or(|t| t.elapsed() >= PURGE_EVERY) {
-            last_purge = Some(Instant::now());
-            let retention = i64::try_from(cfg.revocation_retention.as_millis()).unwrap_or(i64::MAX);
-            match auth.store.purge(now.saturating_sub(retention), now).await {
-                Ok(ids) => {
-                    for id in ids {
-                        tracing::info!(target: "audit", action = "purge", key_id = %id, actor = "system", "key purged");
-                    }
-                }
-                Err(e) => tracing::warn!(error = %e, "cannot purge expired revocations"),
-            }
-        }
-    }
 }
 
 /// Writes pending last-used timestamps; on failure they are written with the next batch.

@@ -28,15 +28,16 @@ pub mod config;
 pub mod error;
 pub mod keys;
 pub mod keys_api;
+pub mod limits;
 pub mod manage;
 pub mod metrics;
 pub mod net;
 pub mod priority;
 pub mod proxy;
-pub mod ratelimit;
 pub mod reload;
 pub mod state;
 pub mod store;
+pub mod tasks;
 pub mod upstream;
 
 use std::future::Future;
@@ -82,8 +83,8 @@ pub async fn serve(
     );
     let reloader = reload::Reloader::new(state.clone(), certs, log_level);
     let reload_task = tokio::spawn(reloader.run());
-    let auth_task = tokio::spawn(auth::maintain(auth.clone(), state.clone()));
-    let limits_task = tokio::spawn(ratelimit::maintain(state.clone()));
+    let auth_task = tokio::spawn(tasks::maintain_keys(auth.clone(), state.clone()));
+    let limits_task = tokio::spawn(tasks::forget_idle_limits(state.clone()));
     net::listener::serve(state, listeners, acceptor, shutdown).await;
     reload_task.abort();
     auth_task.abort();

@@ -12,9 +12,9 @@ use http::HeaderValue;
 
 use crate::auth::Authenticator;
 use crate::config::{Config, ConfigError, Problem};
+use crate::limits::Limiter;
 use crate::metrics::Metrics;
 use crate::proxy::routes::RouteTable;
-use crate::ratelimit::Limiter;
 use crate::upstream;
 
 /// One config generation, immutable once built.

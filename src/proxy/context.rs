@@ -16,9 +16,9 @@ use hyper::body::Incoming;
 use super::access_log::{redact_keys, Record, CLIENT_GONE_STATUS};
 use crate::auth::Principal;
 use crate::body::{Body, End, Observer};
+use crate::limits::Quota;
 use crate::metrics::method_label;
 use crate::net::Peer;
-use crate::ratelimit::Quota;
 use crate::state::{Snapshot, State};
 use crate::upstream;
 

@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use governor::clock::FakeRelativeClock;
+use http::HeaderMap;
 
 use super::*;
 

@@ -11,17 +11,22 @@ use std::num::NonZeroU32;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use bytes::BytesMut;
 use dashmap::DashMap;
 use governor::clock::{Clock, DefaultClock};
 use governor::middleware::StateInformationMiddleware;
 use governor::state::keyed::DashMapStateStore;
 use governor::{Quota as GovernorQuota, RateLimiter};
-use http::{HeaderMap, HeaderName, HeaderValue};
 
 use crate::clock::DAY_MS;
 use crate::config::{Config, LimitPer, Tier};
 use crate::error::{Error, Limit};
+
+mod quota;
+
+#[cfg(test)]
+use quota::put_openai_duration;
+pub use quota::Quota;
+use quota::{seconds_ceil, Fixed};
 
 type Gcra<C> = RateLimiter<Arc<str>, DashMapStateStore<Arc<str>>, C, StateInformationMiddleware>;
 
@@ -61,158 +66,6 @@ impl<C: Clock + Clone> Bucket<C> {
         };
         Bucket { limits, gcra, daily: DashMap::new(), fixed: full.format_fixed().map(Arc::new) }
     }
-}
-
-/// `x-ratelimit-limit-requests` and `RateLimit-Policy`: they depend on a bucket's limits alone,
-/// so admitted requests share the bucket's values instead of formatting them again.
-#[derive(Debug, PartialEq, Eq)]
-struct Fixed {
-    limit: HeaderValue,
-    policy: HeaderValue,
-}
-
-/// What the limiter knows after a decision: rendered into the rate-limit headers.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Quota {
-    /// (burst, remaining burst capacity, requests per second).
-    per_second: Option<(u32, u32, u32)>,
-    /// (daily budget, remaining today, milliseconds until 00:00 UTC).
-    daily: Option<(u64, u64, i64)>,
-    /// The bucket's preformatted values (set on admitted requests; a refusal may report fewer
-    /// limits, so it formats its own).
-    fixed: Option<Arc<Fixed>>,
-}
-
-fn seconds_ceil(ms: i64) -> u64 {
-    u64::try_from((ms + 999) / 1000).unwrap_or(0).max(1)
-}
-
-/// OpenAI's reset format: `20ms`, `1s`, `6m0s`, `13h5m2s`.
-fn put_openai_duration(buf: &mut BytesMut, ms: i64) {
-    let mut n = itoa::Buffer::new();
-    if ms < 1000 {
-        buf.extend_from_slice(n.format(ms.max(0)).as_bytes());
-        buf.extend_from_slice(b"ms");
-        return;
-    }
-    let s = (ms + 999) / 1000;
-    let (h, m, s) = (s / 3600, s / 60 % 60, s % 60);
-    if h > 0 {
-        buf.extend_from_slice(n.format(h).as_bytes());
-        buf.extend_from_slice(b"h");
-    }
-    if h > 0 || m > 0 {
-        buf.extend_from_slice(n.format(m).as_bytes());
-        buf.extend_from_slice(b"m");
-    }
-    buf.extend_from_slice(n.format(s).as_bytes());
-    buf.extend_from_slice(b"s");
-}
-
-const LIMIT_REQUESTS: HeaderName = HeaderName::from_static("x-ratelimit-limit-requests");
-const REMAINING_REQUESTS: HeaderName = HeaderName::from_static("x-ratelimit-remaining-requests");
-const RESET_REQUESTS: HeaderName = HeaderName::from_static("x-ratelimit-reset-requests");
-const RATELIMIT_POLICY: HeaderName = HeaderName::from_static("ratelimit-policy");
-const RATELIMIT: HeaderName = HeaderName::from_static("ratelimit");
-
-impl Quota {
-    /// Writes `x-ratelimit-*` (OpenAI's names, for the budget that runs out last: the daily one
-    /// when there is one) and the IETF `RateLimit-Policy` / `RateLimit` fields for every limit.
-    ///
-    /// Runs on every answered request: the two values fixed by the limits are the bucket's own,
-    /// the other three are written into one buffer and split off it (one allocation, no
-    /// formatting machinery).
-    pub fn write_headers(&self, h: &mut HeaderMap) {
-        let Some((_, remaining, reset_ms)) = self.openai() else { return };
-        let formatted;
-        let fixed = match &self.fixed {
-            Some(f) => &**f,
-            None => match self.format_fixed() {
-                Some(f) => {
-                    formatted = f;
-                    &formatted
-                }
-                None => return,
-            },
-        };
-        let mut buf = BytesMut::with_capacity(128);
-        let mut n = itoa::Buffer::new();
-        h.insert(LIMIT_REQUESTS, fixed.limit.clone());
-        buf.extend_from_slice(n.format(remaining).as_bytes());
-        put(h, &mut buf, REMAINING_REQUESTS);
-        put_openai_duration(&mut buf, reset_ms);
-        put(h, &mut buf, RESET_REQUESTS);
-        h.insert(RATELIMIT_POLICY, fixed.policy.clone());
-        if let Some((burst, remaining, rps)) = self.per_second {
-            let refill = u64::try_from((refill_ms(burst, remaining, rps) + 999) / 1000).unwrap_or(0);
-            put_field(&mut buf, "requests_per_second", [remaining.into(), refill], [b";r=", b";t="]);
-        }
-        if let Some((_, remaining, reset_ms)) = self.daily {
-            put_field(&mut buf, "daily_requests", [remaining, seconds_ceil(reset_ms)], [b";r=", b";t="]);
-        }
-        put(h, &mut buf, RATELIMIT);
-    }
-
-    /// OpenAI's (limit, remaining, reset in ms): the budget that runs out last, the daily one
-    /// when there is one.
-    fn openai(&self) -> Option<(u64, u64, i64)> {
-        match (self.daily, self.per_second) {
-            (Some(daily), _) => Some(daily),
-            (None, Some((burst, remaining, rps))) => {
-                Some((u64::from(burst), u64::from(remaining), refill_ms(burst, remaining, rps)))
-            }
-            (None, None) => None,
-        }
-    }
-
-    /// The values that depend on the limits alone. A full bucket of `burst` refills in
-    /// burst/rps seconds: q/w states both the burst and the sustained rate.
-    fn format_fixed(&self) -> Option<Fixed> {
-        let (limit, _, _) = self.openai()?;
-        let mut buf = BytesMut::with_capacity(128);
-        buf.extend_from_slice(itoa::Buffer::new().format(limit).as_bytes());
-        let limit = value(&mut buf)?;
-        if let Some((burst, _, rps)) = self.per_second {
-            let window = burst.div_ceil(rps.max(1));
-            put_field(&mut buf, "requests_per_second", [burst.into(), window.into()], [b";q=", b";w="]);
-        }
-        if let Some((budget, _, _)) = self.daily {
-            put_field(&mut buf, "daily_requests", [budget, 86400], [b";q=", b";w="]);
-        }
-        Some(Fixed { limit, policy: value(&mut buf)? })
-    }
-}
-
-/// The buffer's contents so far as a header value (digits, letters and `";=, ` only: always
-/// valid), leaving the buffer empty for the next one.
-fn value(buf: &mut BytesMut) -> Option<HeaderValue> {
-    HeaderValue::from_maybe_shared(buf.split().freeze()).ok()
-}
-
-fn put(h: &mut HeaderMap, buf: &mut BytesMut, name: HeaderName) {
-    if let Some(v) = value(buf) {
-        h.insert(name, v);
-    }
-}
-
-/// One item of a structured-field list: `"name";k1=v1;k2=v2`, after a `, ` if not the first.
-fn put_field(buf: &mut BytesMut, name: &str, values: [u64; 2], keys: [&[u8]; 2]) {
-    let mut n = itoa::Buffer::new();
-    if !buf.is_empty() {
-        buf.extend_from_slice(b", ");
-    }
-    buf.extend_from_slice(b"\"");
-    buf.extend_from_slice(name.as_bytes());
-    buf.extend_from_slice(b"\"");
-    for (k, v) in keys.iter().zip(values) {
-        buf.extend_from_slice(k);
-        buf.extend_from_slice(n.format(v).as_bytes());
-    }
-}
-
-/// Milliseconds until a bucket of `burst` with `remaining` cells left is full again.
-fn refill_ms(burst: u32, remaining: u32, rps: u32) -> i64 {
-    i64::from(burst - remaining.min(burst)) * 1000 / i64::from(rps.max(1))
 }
 
 /// A refused request: the 429 and the headers that go with it.
@@ -396,15 +249,6 @@ impl<C: Clock + Clone> Limiter<C> {
     }
 }
 
-/// Background work: forgets idle limiter state every 30 s (bounded memory with many
-/// organisations; governor's keyed stores never shrink unless told to).
-pub async fn maintain(state: Arc<crate::state::State>) {
-    loop {
-        tokio::time::sleep(Duration::from_secs(30)).await;
-        state.snapshot().limiter.forget_idle();
-    }
-}
-
 /// A 429 for `limit`. Only the per-second limit clears by itself soon; the others tell SDKs
 /// not to retry (`x-should-retry: false`).
 fn reject(limit: Limit, tier: &str, message: String, retry_after: u64, quota: Quota) -> Box<Rejection> {
@@ -425,5 +269,4 @@ fn retry_after(wait: Duration) -> u64 {
 }
 
 #[cfg(test)]
-#[path = "ratelimit/tests.rs"]
 mod tests;

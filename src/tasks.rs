@@ -1,0 +1,69 @@
+//! Every background loop, in one place. Each maintains something that lives in `State` (the
+//! authenticator, the limiter of the current snapshot), so living here rather than beside what
+//! it maintains keeps `auth` and `limits` free of any dependency on `state`.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::auth::{flush_usage, Authenticator, CHANGE_OVERLAP_MS};
+use crate::clock;
+use crate::state::State;
+
+/// Background work of the authenticator: picks up revocations made elsewhere, writes last-used
+/// timestamps in batches, purges keys past the restore window.
+pub async fn maintain_keys(auth: Arc<Authenticator>, state: Arc<State>) {
+    const FLUSH_EVERY: Duration = Duration::from_secs(10);
+    const PURGE_EVERY: Duration = Duration::from_secs(3600);
+    let mut since = clock::now_ms() - CHANGE_OVERLAP_MS;
+    let mut last_flush = Instant::now();
+    let mut last_purge: Option<Instant> = None;
+    loop {
+        let cfg = state.snapshot().config.auth.clone();
+        tokio::time::sleep(cfg.revocation_poll).await;
+        let now = clock::now_ms();
+        match auth.store().check().await {
+            Ok(()) => {
+                if !state.set_store_ok(true) {
+                    tracing::info!("the key store is usable again; readiness restored");
+                }
+            }
+            Err(e) => {
+                if state.set_store_ok(false) {
+                    tracing::error!(error = %e, "the key store cannot be used; readiness is 503");
+                }
+            }
+        }
+        match auth.poll_changes(since).await {
+            Ok(next) => since = next,
+            Err(e) => tracing::warn!(error = %e, "cannot poll the key store for revocations"),
+        }
+        // sqlx starts a SQLite worker thread per connection, on demand: found by name.
+        crate::priority::lower_threads_named("sqlx-sqlite");
+        if last_flush.elapsed() >= FLUSH_EVERY {
+            last_flush = Instant::now();
+            flush_usage(&auth).await;
+            auth.forget_quiet_sources();
+        }
+        if last_purge.is_none_or(|t| t.elapsed() >= PURGE_EVERY) {
+            last_purge = Some(Instant::now());
+            let retention = i64::try_from(cfg.revocation_retention.as_millis()).unwrap_or(i64::MAX);
+            match auth.store().purge(now.saturating_sub(retention), now).await {
+                Ok(ids) => {
+                    for id in ids {
+                        tracing::info!(target: "audit", action = "purge", key_id = %id, actor = "system", "key purged");
+                    }
+                }
+                Err(e) => tracing::warn!(error = %e, "cannot purge expired revocations"),
+            }
+        }
+    }
+}
+
+/// Background work: forgets idle limiter state every 30 s (bounded memory with many
+/// organisations; governor's keyed stores never shrink unless told to).
+pub async fn forget_idle_limits(state: Arc<State>) {
+    loop {
+        tokio::time::sleep(Duration::from_secs(30)).await;
+        state.snapshot().limiter.forget_idle();
+    }
+}
