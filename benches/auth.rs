@@ -13,7 +13,7 @@ use http::{header, HeaderMap, HeaderValue};
 
 use tollgate::auth::Authenticator;
 use tollgate::config::Config;
-use tollgate::manage::{self, NewKeySpec};
+use tollgate::keys::lifecycle::{self, NewKeySpec};
 use tollgate::metrics::Metrics;
 use tollgate::store::sqlite::SqliteStore;
 
@@ -31,8 +31,9 @@ fn auth(c: &mut Criterion) {
             workspace: None,
             expires_in: None,
         };
-        let (_, token) =
-            manage::create(store.as_ref(), &config, spec, &manage::Actor::Cli, None).await.expect("key");
+        let (_, token) = lifecycle::create(store.as_ref(), &config, spec, &lifecycle::Actor::Cli, None)
+            .await
+            .expect("key");
         (Authenticator::new(store, &config.auth).expect("auth"), token)
     });
     let metrics = Metrics::new().expect("metrics");

@@ -22,8 +22,9 @@ use tokio::sync::oneshot;
 use crate::clock;
 use crate::config;
 use crate::error::Error;
-use crate::keys::{self, KeyRecord, KeyStore, StoreError, Verified};
+use crate::keys::{self, KeyRecord, Verified};
 use crate::metrics::Metrics;
+use crate::store::{KeyStore, StoreError};
 use crate::upstream::Identity;
 
 /// What the keys of one organisation, workspace, tier and scope set have in common. Interned:
@@ -420,8 +421,8 @@ impl Authenticator {
     /// poll starts (with the overlap).
     pub async fn poll_changes(&self, since: i64) -> Result<i64, StoreError> {
         let now = clock::now_ms();
-        for (id, at) in self.store.changed_since(since).await? {
-            self.apply_change(&id, at);
+        for c in self.store.changed_since(since).await? {
+            self.apply_change(&c.id, c.at);
         }
         let next = now - CHANGE_OVERLAP_MS;
         // Older changes are not returned by any later poll: nothing to remember them for.
@@ -617,7 +618,7 @@ mod tests {
 
     /// Creates a key of org `acme`, tier `audit`, scope `inference:read`.
     async fn create_key(store: &Arc<dyn KeyStore>, config: &crate::config::Config) -> keys::Token {
-        let spec = crate::manage::NewKeySpec {
+        let spec = crate::keys::lifecycle::NewKeySpec {
             org: "acme".into(),
             tier: "audit".into(),
             scopes: vec!["inference:read".into()],
@@ -625,7 +626,16 @@ mod tests {
             workspace: None,
             expires_in: None,
         };
-        crate::manage::create(store.as_ref(), config, spec, &crate::manage::Actor::Cli, None).await.unwrap().1
+        crate::keys::lifecycle::create(
+            store.as_ref(),
+            config,
+            spec,
+            &crate::keys::lifecycle::Actor::Cli,
+            None,
+        )
+        .await
+        .unwrap()
+        .1
     }
 
     /// Argon2id verifications so far, whatever their outcome.
@@ -693,7 +703,9 @@ mod tests {
         assert_eq!(verifications(&metrics), 2, "the creation evicted the key once, not per poll");
 
         // Revoked elsewhere (the CLI): the next poll applies it, and the key is refused.
-        crate::manage::revoke(store.as_ref(), &id, &crate::manage::Actor::Cli).await.unwrap();
+        crate::keys::lifecycle::revoke(store.as_ref(), &id, &crate::keys::lifecycle::Actor::Cli)
+            .await
+            .unwrap();
         since = auth.poll_changes(since).await.unwrap();
         assert!(auth.authenticate(&config.auth, &h, ip, &metrics).await.is_err(), "revocation missed");
         // A restore stamped earlier than the revocation is still a new change.

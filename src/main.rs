@@ -127,10 +127,10 @@ fn keys(path: Option<PathBuf>, command: KeysCommand) -> Result<ExitCode, String>
 }
 
 async fn run_keys(config: Config, command: KeysCommand) -> Result<ExitCode, String> {
-    use tollgate::manage::{self, Actor, NewKeySpec};
+    use tollgate::keys::lifecycle::{self, Actor, NewKeySpec};
     let store = tollgate::store::open(&config.store).await.map_err(|e| format!("store.sqlite: {e}"))?;
     let store = store.as_ref();
-    let err = |e: manage::ManageError| e.to_string();
+    let err = |e: lifecycle::ManageError| e.to_string();
     let print_key = |record: &tollgate::keys::KeyRecord, token: &tollgate::keys::Token, json: bool| {
         if json {
             let mut v = record.to_json();
@@ -155,11 +155,11 @@ async fn run_keys(config: Config, command: KeysCommand) -> Result<ExitCode, Stri
                 .transpose()?;
             let spec = NewKeySpec { org, tier, scopes, name, workspace, expires_in };
             let (record, token) =
-                manage::create(store, &config, spec, &Actor::Cli, None).await.map_err(err)?;
+                lifecycle::create(store, &config, spec, &Actor::Cli, None).await.map_err(err)?;
             print_key(&record, &token, json);
         }
         KeysCommand::Rotate { id, json } => {
-            let (record, token) = manage::rotate(store, &config, &id, &Actor::Cli).await.map_err(err)?;
+            let (record, token) = lifecycle::rotate(store, &config, &id, &Actor::Cli).await.map_err(err)?;
             print_key(&record, &token, json);
         }
         KeysCommand::List { org, json } => {
@@ -187,21 +187,21 @@ async fn run_keys(config: Config, command: KeysCommand) -> Result<ExitCode, Stri
             }
         }
         KeysCommand::Show { id } => {
-            let r = manage::fetch(store, &id, None).await.map_err(err)?;
+            let r = lifecycle::fetch(store, &id, None).await.map_err(err)?;
             println!("{}", serde_json::to_string_pretty(&r.to_json()).unwrap_or_default());
         }
         KeysCommand::Revoke { id } => {
-            let (r, _) = manage::revoke(store, &id, &Actor::Cli).await.map_err(err)?;
+            let (r, _) = lifecycle::revoke(store, &id, &Actor::Cli).await.map_err(err)?;
             println!("revoked {} (restorable for {}s)", r.id, config.auth.revocation_retention.as_secs());
         }
         KeysCommand::Restore { id } => {
-            let (r, _) = manage::restore(store, &config, &id, &Actor::Cli).await.map_err(err)?;
+            let (r, _) = lifecycle::restore(store, &config, &id, &Actor::Cli).await.map_err(err)?;
             println!("restored {}", r.id);
         }
         KeysCommand::Audit { id, json } => {
             let events = store.audit(&id).await.map_err(|e| e.to_string())?;
             if events.is_empty() {
-                manage::fetch(store, &id, None).await.map_err(err)?;
+                lifecycle::fetch(store, &id, None).await.map_err(err)?;
             }
             for e in events {
                 if json {

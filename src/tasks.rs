@@ -9,17 +9,38 @@ use crate::auth::{flush_usage, Authenticator, CHANGE_OVERLAP_MS};
 use crate::clock;
 use crate::state::State;
 
-/// Background work of the authenticator: picks up revocations made elsewhere, writes last-used
-/// timestamps in batches, purges keys past the restore window.
+/// Background work of the authenticator: applies changes made elsewhere (pushed by the store
+/// as they happen, if it can, and polled every `auth.revocation_poll` in any case), checks the
+/// store is still usable, writes last-used timestamps in batches, purges keys past the restore
+/// window.
 pub async fn maintain_keys(auth: Arc<Authenticator>, state: Arc<State>) {
     const FLUSH_EVERY: Duration = Duration::from_secs(10);
     const PURGE_EVERY: Duration = Duration::from_secs(3600);
     let mut since = clock::now_ms() - CHANGE_OVERLAP_MS;
     let mut last_flush = Instant::now();
     let mut last_purge: Option<Instant> = None;
+    let mut pushed = auth.store().subscribe();
     loop {
         let cfg = state.snapshot().config.auth.clone();
-        tokio::time::sleep(cfg.revocation_poll).await;
+        let poll = tokio::time::sleep(cfg.revocation_poll);
+        tokio::pin!(poll);
+        loop {
+            tokio::select! {
+                _ = &mut poll => break,
+                change = async {
+                    match pushed.as_mut() {
+                        Some(rx) => rx.recv().await,
+                        None => std::future::pending().await,
+                    }
+                } => match change {
+                    Some(c) => {
+                        auth.apply_change(&c.id, c.at);
+                    }
+                    // The feed ended: polling alone from here on.
+                    None => pushed = None,
+                },
+            }
+        }
         let now = clock::now_ms();
         match auth.store().check().await {
             Ok(()) => {

@@ -23,7 +23,7 @@ use hyper::body::Incoming;
 
 use crate::body::{Body, Outgoing};
 use crate::error::Error;
-use crate::keys_api;
+use crate::keys::api as keys_api;
 use crate::net::Peer;
 use crate::state::{Snapshot, State};
 use crate::upstream;

@@ -1,12 +1,86 @@
-//! Key stores: `sqlite` (the embedded default). Opened from `store` config; the proxy, the CLI
-//! and the HTTP API all go through the `KeyStore` trait of `keys.rs`.
+//! Key stores. The traits are split by caller: `KeyLookup` for the request path, `KeyAdmin`
+//! for the CLI and the HTTP API, `KeyUpkeep` for the background loop (changes made elsewhere,
+//! last-used batches, purge, health). A store implements all three and is used as a
+//! `KeyStore`. Backends: `sqlite` (the embedded default); its schema migrations are versioned
+//! `.sql` files under `migrations/`.
 
 pub mod sqlite;
 
 use std::sync::Arc;
 
 use crate::config::Store;
-use crate::keys::{KeyStore, StoreError};
+use crate::keys::record::{AuditEvent, KeyRecord};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("key store unavailable: {0}")]
+    Unavailable(String),
+    #[error("{0}")]
+    Conflict(String),
+}
+
+/// A change of one key made anywhere (another replica, the CLI): its id and the store's stamp of
+/// the change (`updated_at`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Change {
+    pub id: String,
+    pub at: i64,
+}
+
+/// The request path: a key by id, to verify a presented token against.
+#[async_trait::async_trait]
+pub trait KeyLookup: Send + Sync {
+    async fn get(&self, id: &str) -> Result<Option<KeyRecord>, StoreError>;
+}
+
+/// Key management (§6), for the CLI and the HTTP API. Every change goes with its audit event in
+/// one transaction.
+#[async_trait::async_trait]
+pub trait KeyAdmin: Send + Sync {
+    async fn list(&self, org: Option<&str>) -> Result<Vec<KeyRecord>, StoreError>;
+    /// Inserts a new record and its audit event in one transaction.
+    async fn insert(&self, record: &KeyRecord, event: &AuditEvent) -> Result<(), StoreError>;
+    /// Sets or clears `revoked_at` / `revoked_by` and appends the event, in one transaction.
+    /// Returns false when the key does not exist.
+    async fn set_revoked(
+        &self,
+        id: &str,
+        revoked: Option<(i64, &str)>,
+        event: &AuditEvent,
+    ) -> Result<bool, StoreError>;
+    async fn audit(&self, id: &str) -> Result<Vec<AuditEvent>, StoreError>;
+    /// Appends an audit event that goes with no other change.
+    async fn record(&self, event: &AuditEvent) -> Result<(), StoreError>;
+}
+
+/// Background upkeep, run by every replica.
+#[async_trait::async_trait]
+pub trait KeyUpkeep: Send + Sync {
+    /// Whether the store can still be used (for SQLite: the file at the configured path is still
+    /// the one opened). `Err` makes the server unready.
+    async fn check(&self) -> Result<(), StoreError> {
+        Ok(())
+    }
+    /// Changes pushed by the backend as they happen (PostgreSQL's LISTEN/NOTIFY, say), if it
+    /// can; `None`: changes are only polled with `changed_since`. Polling stays the safety net
+    /// either way.
+    fn subscribe(&self) -> Option<tokio::sync::mpsc::Receiver<Change>> {
+        None
+    }
+    /// Keys whose record changed at or after `since_ms`, with the stamp of their latest change.
+    async fn changed_since(&self, since_ms: i64) -> Result<Vec<Change>, StoreError>;
+    /// Writes a batch of last-used timestamps.
+    async fn touch(&self, used: &[(String, i64)]) -> Result<(), StoreError>;
+    /// Deletes keys revoked before `before_ms`, with one `purge` audit event each, and returns
+    /// their ids. Idempotent across replicas: a key another replica purged first is neither
+    /// deleted nor audited again.
+    async fn purge(&self, before_ms: i64, now_ms: i64) -> Result<Vec<String>, StoreError>;
+}
+
+/// A whole store.
+pub trait KeyStore: KeyLookup + KeyAdmin + KeyUpkeep {}
+
+impl<T: KeyLookup + KeyAdmin + KeyUpkeep> KeyStore for T {}
 
 /// Opens the configured store and applies its schema migrations.
 pub async fn open(config: &Store) -> Result<Arc<dyn KeyStore>, StoreError> {

@@ -19,40 +19,12 @@ use sqlx::sqlite::{
 };
 use sqlx::Row;
 
-use crate::keys::{AuditEvent, KeyRecord, KeyStore, StoreError};
+use super::{Change, KeyAdmin, KeyLookup, KeyUpkeep, StoreError};
+use crate::keys::record::{AuditEvent, KeyRecord};
 
-/// Each entry moves the schema one version forward; applied in order, once, in a transaction.
-const MIGRATIONS: &[&str] = &["
-CREATE TABLE keys (
-    id            TEXT PRIMARY KEY,
-    name          TEXT NOT NULL,
-    org           TEXT NOT NULL,
-    workspace     TEXT NOT NULL,
-    tier          TEXT NOT NULL,
-    scopes        TEXT NOT NULL,
-    secret_hash   TEXT NOT NULL,
-    created_at    BIGINT NOT NULL,
-    expires_at    BIGINT,
-    last_used_at  BIGINT,
-    revoked_at    BIGINT,
-    revoked_by    TEXT,
-    rotated_from  TEXT,
-    updated_at    BIGINT NOT NULL
-);
-CREATE INDEX keys_org ON keys (org);
-CREATE INDEX keys_updated_at ON keys (updated_at);
-CREATE INDEX keys_revoked_at ON keys (revoked_at);
-CREATE TABLE audit (
-    seq     INTEGER PRIMARY KEY,
-    key_id  TEXT NOT NULL,
-    org     TEXT NOT NULL,
-    action  TEXT NOT NULL,
-    actor   TEXT NOT NULL,
-    at      BIGINT NOT NULL,
-    detail  TEXT
-);
-CREATE INDEX audit_key_id ON audit (key_id);
-"];
+/// Each file moves the schema one version forward; applied in order, once, in a transaction.
+/// Never edit one that has shipped: add the next.
+const MIGRATIONS: &[&str] = &[include_str!("migrations/sqlite/0001_init.sql")];
 
 pub struct SqliteStore {
     pool: SqlitePool,
@@ -177,23 +149,7 @@ async fn append(conn: &mut sqlx::SqliteConnection, e: &AuditEvent) -> Result<(),
 }
 
 #[async_trait::async_trait]
-impl KeyStore for SqliteStore {
-    async fn check(&self) -> Result<(), StoreError> {
-        if self.lost.get().is_none() {
-            let what = match file_id(&self.path) {
-                now if now == self.file => return Ok(()),
-                None => "deleted",
-                Some(_) => "replaced",
-            };
-            let _ = self.lost.set(format!(
-                "the key store file {} was {what} while tollgate had it open; restart tollgate to use \
-                 the file now at that path (keys created or revoked with the CLI are in that file)",
-                self.path.display()
-            ));
-        }
-        self.pool().map(|_| ())
-    }
-
+impl KeyLookup for SqliteStore {
     async fn get(&self, id: &str) -> Result<Option<KeyRecord>, StoreError> {
         let row = sqlx::query("SELECT * FROM keys WHERE id = ?")
             .bind(id)
@@ -202,7 +158,10 @@ impl KeyStore for SqliteStore {
             .map_err(unavailable)?;
         row.as_ref().map(record).transpose().map_err(unavailable)
     }
+}
 
+#[async_trait::async_trait]
+impl KeyAdmin for SqliteStore {
     async fn list(&self, org: Option<&str>) -> Result<Vec<KeyRecord>, StoreError> {
         let rows = match org {
             Some(org) => sqlx::query("SELECT * FROM keys WHERE org = ? ORDER BY created_at, id").bind(org),
@@ -272,6 +231,51 @@ impl KeyStore for SqliteStore {
         Ok(true)
     }
 
+    async fn audit(&self, id: &str) -> Result<Vec<AuditEvent>, StoreError> {
+        let rows = sqlx::query("SELECT * FROM audit WHERE key_id = ? ORDER BY seq")
+            .bind(id)
+            .fetch_all(self.pool()?)
+            .await
+            .map_err(unavailable)?;
+        rows.iter().map(event).collect::<Result<_, _>>().map_err(unavailable)
+    }
+
+    async fn record(&self, e: &AuditEvent) -> Result<(), StoreError> {
+        let mut conn = self.pool()?.acquire().await.map_err(unavailable)?;
+        append(&mut conn, e).await.map_err(unavailable)
+    }
+}
+
+#[async_trait::async_trait]
+impl KeyUpkeep for SqliteStore {
+    async fn check(&self) -> Result<(), StoreError> {
+        if self.lost.get().is_none() {
+            let what = match file_id(&self.path) {
+                now if now == self.file => return Ok(()),
+                None => "deleted",
+                Some(_) => "replaced",
+            };
+            let _ = self.lost.set(format!(
+                "the key store file {} was {what} while tollgate had it open; restart tollgate to use \
+                 the file now at that path (keys created or revoked with the CLI are in that file)",
+                self.path.display()
+            ));
+        }
+        self.pool().map(|_| ())
+    }
+
+    async fn changed_since(&self, since_ms: i64) -> Result<Vec<Change>, StoreError> {
+        let rows = sqlx::query("SELECT id, updated_at FROM keys WHERE updated_at >= ?")
+            .bind(since_ms)
+            .fetch_all(self.pool()?)
+            .await
+            .map_err(unavailable)?;
+        rows.iter()
+            .map(|r| Ok(Change { id: r.try_get("id")?, at: r.try_get("updated_at")? }))
+            .collect::<Result<_, sqlx::Error>>()
+            .map_err(unavailable)
+    }
+
     async fn touch(&self, used: &[(String, i64)]) -> Result<(), StoreError> {
         if used.is_empty() {
             return Ok(());
@@ -290,20 +294,11 @@ impl KeyStore for SqliteStore {
         tx.commit().await.map_err(unavailable)
     }
 
-    async fn changed_since(&self, since_ms: i64) -> Result<Vec<(String, i64)>, StoreError> {
-        let rows = sqlx::query("SELECT id, updated_at FROM keys WHERE updated_at >= ?")
-            .bind(since_ms)
-            .fetch_all(self.pool()?)
-            .await
-            .map_err(unavailable)?;
-        rows.iter()
-            .map(|r| Ok((r.try_get("id")?, r.try_get("updated_at")?)))
-            .collect::<Result<_, sqlx::Error>>()
-            .map_err(unavailable)
-    }
-
     async fn purge(&self, before_ms: i64, now_ms: i64) -> Result<Vec<String>, StoreError> {
-        let mut tx = self.pool()?.begin().await.map_err(unavailable)?;
+        // IMMEDIATE: the transaction reads before it writes, and two deferred ones (the CLI's
+        // and a server's, say) would deadlock upgrading their read locks (SQLITE_BUSY at once,
+        // the busy timeout never consulted). This one waits for the write lock up front.
+        let mut tx = self.pool()?.begin_with("BEGIN IMMEDIATE").await.map_err(unavailable)?;
         let rows = sqlx::query("SELECT id, org FROM keys WHERE revoked_at IS NOT NULL AND revoked_at < ?")
             .bind(before_ms)
             .fetch_all(&mut *tx)
@@ -313,11 +308,18 @@ impl KeyStore for SqliteStore {
         for row in rows {
             let id: String = row.try_get("id").map_err(unavailable)?;
             let org: String = row.try_get("org").map_err(unavailable)?;
-            sqlx::query("DELETE FROM keys WHERE id = ?")
-                .bind(&id)
-                .execute(&mut *tx)
-                .await
-                .map_err(unavailable)?;
+            // The condition again, and only a row this statement deleted is audited: a replica
+            // that purged it first (or a restore since the SELECT) leaves nothing to delete.
+            let deleted =
+                sqlx::query("DELETE FROM keys WHERE id = ? AND revoked_at IS NOT NULL AND revoked_at < ?")
+                    .bind(&id)
+                    .bind(before_ms)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(unavailable)?;
+            if deleted.rows_affected() != 1 {
+                continue;
+            }
             let e = AuditEvent {
                 key_id: id.clone(),
                 org,
@@ -331,20 +333,6 @@ impl KeyStore for SqliteStore {
         }
         tx.commit().await.map_err(unavailable)?;
         Ok(ids)
-    }
-
-    async fn record(&self, e: &AuditEvent) -> Result<(), StoreError> {
-        let mut conn = self.pool()?.acquire().await.map_err(unavailable)?;
-        append(&mut conn, e).await.map_err(unavailable)
-    }
-
-    async fn audit(&self, id: &str) -> Result<Vec<AuditEvent>, StoreError> {
-        let rows = sqlx::query("SELECT * FROM audit WHERE key_id = ? ORDER BY seq")
-            .bind(id)
-            .fetch_all(self.pool()?)
-            .await
-            .map_err(unavailable)?;
-        rows.iter().map(event).collect::<Result<_, _>>().map_err(unavailable)
     }
 }
 
@@ -399,7 +387,7 @@ mod tests {
 
         assert!(s.set_revoked("a", Some((2000, "cli")), &ev("a", "revoke", 2000)).await.unwrap());
         assert!(!s.set_revoked("zz", Some((2000, "cli")), &ev("zz", "revoke", 2000)).await.unwrap());
-        assert_eq!(s.changed_since(2000).await.unwrap(), [("a".to_string(), 2000)]);
+        assert_eq!(s.changed_since(2000).await.unwrap(), [Change { id: "a".into(), at: 2000 }]);
         assert!(s.changed_since(2001).await.unwrap().is_empty());
         let a = s.get("a").await.unwrap().unwrap();
         assert_eq!((a.revoked_at, a.revoked_by.as_deref()), (Some(2000), Some("cli")));
@@ -418,5 +406,36 @@ mod tests {
         drop(s);
         let s = SqliteStore::open(&path).await.unwrap();
         assert!(s.get("b").await.unwrap().is_some());
+    }
+
+    /// Two replicas purging the same store at once: each key is deleted and audited once.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_purges_audit_each_key_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.db");
+        let one = std::sync::Arc::new(SqliteStore::open(&path).await.unwrap());
+        let two = std::sync::Arc::new(SqliteStore::open(&path).await.unwrap());
+        let ids: Vec<String> = (0..20).map(|i| format!("k{i:02}")).collect();
+        for id in &ids {
+            one.insert(&rec(id, "acme"), &ev(id, "create", 1000)).await.unwrap();
+            one.set_revoked(id, Some((2000, "cli")), &ev(id, "revoke", 2000)).await.unwrap();
+        }
+        let (a, b) = tokio::join!(
+            tokio::spawn({
+                let one = one.clone();
+                async move { one.purge(3000, 9000).await.unwrap() }
+            }),
+            tokio::spawn({
+                let two = two.clone();
+                async move { two.purge(3000, 9000).await.unwrap() }
+            }),
+        );
+        let (a, b) = (a.unwrap(), b.unwrap());
+        assert_eq!(a.len() + b.len(), ids.len(), "every key purged by exactly one: {a:?} {b:?}");
+        assert!(two.purge(3000, 9000).await.unwrap().is_empty(), "a purge with nothing left writes nothing");
+        for id in &ids {
+            let purges = one.audit(id).await.unwrap().into_iter().filter(|e| e.action == "purge").count();
+            assert_eq!(purges, 1, "{id}");
+        }
     }
 }

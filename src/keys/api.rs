@@ -13,8 +13,8 @@ use crate::auth::Principal;
 use crate::body::Body;
 use crate::config::parse_duration;
 use crate::error::Error;
+use crate::keys::lifecycle::{self, Actor, ManageError, NewKeySpec};
 use crate::keys::KeyRecord;
-use crate::manage::{self, Actor, ManageError, NewKeySpec};
 use crate::state::{Snapshot, State};
 
 /// Management requests are small; anything bigger is a mistake or an attack.
@@ -100,23 +100,23 @@ pub async fn handle(
         (&Method::POST, []) => {
             let body = read_json::<CreateBody>(req).await?;
             let spec = create_spec(snap, caller, body)?;
-            let (record, token) = manage::create(store, &snap.config, spec, &actor, None).await?;
+            let (record, token) = lifecycle::create(store, &snap.config, spec, &actor, None).await?;
             // Nothing is cached for a key that did not exist: the poll need not evict anything.
             state.auth.note_change(&record.id, record.created_at);
             Ok(json_response(StatusCode::CREATED, with_key(&record, &token)))
         }
         (&Method::GET, [id]) => {
-            let r = manage::fetch(store, id, org).await?;
+            let r = lifecycle::fetch(store, id, org).await?;
             Ok(json_response(StatusCode::OK, r.to_json()))
         }
         (&Method::GET, [id, "audit"]) => {
-            manage::fetch(store, id, org).await?;
+            lifecycle::fetch(store, id, org).await?;
             let events = store.audit(id).await.map_err(ManageError::from)?;
             let data: Vec<_> = events.iter().map(|e| e.to_json()).collect();
             Ok(json_response(StatusCode::OK, json!({ "object": "list", "data": data })))
         }
         (&Method::POST, [id, "revoke"]) => {
-            let (r, changed) = manage::revoke(store, id, &actor).await?;
+            let (r, changed) = lifecycle::revoke(store, id, &actor).await?;
             // Immediate on this instance (§2): the next request with this key is refused.
             if let Some(at) = changed {
                 state.auth.apply_change(id, at);
@@ -124,12 +124,12 @@ pub async fn handle(
             Ok(json_response(StatusCode::OK, r.to_json()))
         }
         (&Method::POST, [id, "restore"]) => {
-            let (r, at) = manage::restore(store, &snap.config, id, &actor).await?;
+            let (r, at) = lifecycle::restore(store, &snap.config, id, &actor).await?;
             state.auth.apply_change(id, at);
             Ok(json_response(StatusCode::OK, r.to_json()))
         }
         (&Method::POST, [id, "rotate"]) => {
-            let (record, token) = manage::rotate(store, &snap.config, id, &actor).await?;
+            let (record, token) = lifecycle::rotate(store, &snap.config, id, &actor).await?;
             state.auth.note_change(&record.id, record.created_at);
             Ok(json_response(StatusCode::CREATED, with_key(&record, &token)))
         }
@@ -138,7 +138,7 @@ pub async fn handle(
 }
 
 /// The new key's spec: the caller's organisation, its tier unless another is asked for (which
-/// `manage::create` then refuses with 403, as it refuses scopes the caller lacks: the API must
+/// `lifecycle::create` then refuses with 403, as it refuses scopes the caller lacks: the API must
 /// not be a way to escalate privileges).
 fn create_spec(snap: &Snapshot, caller: &Principal, body: CreateBody) -> Result<NewKeySpec, Error> {
     let scopes =

@@ -6,7 +6,9 @@ use std::time::Duration;
 
 use crate::clock;
 use crate::config::Config;
-use crate::keys::{self, AuditEvent, KeyRecord, KeyStore, NewKey, StoreError, Token};
+use crate::keys::record::{self as keys, AuditEvent, KeyRecord};
+use crate::keys::token::{NewKey, Token};
+use crate::store::{KeyStore, StoreError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ManageError {
