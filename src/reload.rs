@@ -155,6 +155,13 @@ fn warn_restart_only(old: &Config, new: &Config) {
         ("log.format", old.log.format != new.log.format),
         ("store", old.store != new.store),
         ("limits.max_connections", old.limits.max_connections != new.limits.max_connections),
+        // The cache and the failure limiter are sized and built once (their state would be lost).
+        ("auth.cache_capacity", old.auth.cache_capacity != new.auth.cache_capacity),
+        (
+            "auth.failed_auth",
+            old.auth.failed_auth_per_second != new.auth.failed_auth_per_second
+                || old.auth.failed_auth_burst != new.auth.failed_auth_burst,
+        ),
     ]
     .into_iter()
     .filter_map(|(name, c)| c.then_some(name))
