@@ -69,7 +69,7 @@ struct RawConfig {
     auth: RawAuth,
     rate_limits: RawRateLimits,
     tiers: Option<BTreeMap<String, RawTier>>,
-    routes: Option<serde_yaml::Value>,
+    routes: Option<serde_yaml_ng::Value>,
     default_scope: Option<String>,
     trusted_proxies: Option<Vec<String>>,
 }
@@ -78,10 +78,10 @@ struct RawConfig {
 #[serde(default)]
 struct RawUpstream {
     url: Option<String>,
-    connect_timeout: Option<serde_yaml::Value>,
-    timeout: Option<serde_yaml::Value>,
+    connect_timeout: Option<serde_yaml_ng::Value>,
+    timeout: Option<serde_yaml_ng::Value>,
     api_key_env: Option<String>,
-    max_connections: Option<serde_yaml::Value>,
+    max_connections: Option<serde_yaml_ng::Value>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -93,19 +93,19 @@ struct RawTls {
 #[derive(Debug, Default, Deserialize)]
 #[serde(default)]
 struct RawLimits {
-    max_header_bytes: Option<serde_yaml::Value>,
-    max_body_bytes: Option<serde_yaml::Value>,
-    header_read_timeout: Option<serde_yaml::Value>,
-    stream_idle_timeout: Option<serde_yaml::Value>,
-    max_connections: Option<serde_yaml::Value>,
-    max_concurrent_streams: Option<serde_yaml::Value>,
+    max_header_bytes: Option<serde_yaml_ng::Value>,
+    max_body_bytes: Option<serde_yaml_ng::Value>,
+    header_read_timeout: Option<serde_yaml_ng::Value>,
+    stream_idle_timeout: Option<serde_yaml_ng::Value>,
+    max_connections: Option<serde_yaml_ng::Value>,
+    max_concurrent_streams: Option<serde_yaml_ng::Value>,
 }
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(default)]
 struct RawShutdown {
-    drain_delay: Option<serde_yaml::Value>,
-    timeout: Option<serde_yaml::Value>,
+    drain_delay: Option<serde_yaml_ng::Value>,
+    timeout: Option<serde_yaml_ng::Value>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -126,11 +126,11 @@ struct RawStore {
 struct RawAuth {
     key_prefix: Option<String>,
     workspace: Option<String>,
-    cache_ttl: Option<serde_yaml::Value>,
-    cache_capacity: Option<serde_yaml::Value>,
-    negative_cache_ttl: Option<serde_yaml::Value>,
-    revocation_poll: Option<serde_yaml::Value>,
-    revocation_retention: Option<serde_yaml::Value>,
+    cache_ttl: Option<serde_yaml_ng::Value>,
+    cache_capacity: Option<serde_yaml_ng::Value>,
+    negative_cache_ttl: Option<serde_yaml_ng::Value>,
+    revocation_poll: Option<serde_yaml_ng::Value>,
+    revocation_retention: Option<serde_yaml_ng::Value>,
     argon2: RawArgon2,
     failed_auth: RawFailedAuth,
 }
@@ -138,16 +138,16 @@ struct RawAuth {
 #[derive(Debug, Default, Deserialize)]
 #[serde(default)]
 struct RawArgon2 {
-    memory_kib: Option<serde_yaml::Value>,
-    iterations: Option<serde_yaml::Value>,
-    parallelism: Option<serde_yaml::Value>,
+    memory_kib: Option<serde_yaml_ng::Value>,
+    iterations: Option<serde_yaml_ng::Value>,
+    parallelism: Option<serde_yaml_ng::Value>,
 }
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(default)]
 struct RawFailedAuth {
-    per_second: Option<serde_yaml::Value>,
-    burst: Option<serde_yaml::Value>,
+    per_second: Option<serde_yaml_ng::Value>,
+    burst: Option<serde_yaml_ng::Value>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -168,9 +168,9 @@ struct RawOverrides {
 #[derive(Debug, Default, Deserialize)]
 #[serde(default)]
 struct RawTier {
-    requests_per_second: Option<serde_yaml::Value>,
-    burst: Option<serde_yaml::Value>,
-    daily_requests: Option<serde_yaml::Value>,
+    requests_per_second: Option<serde_yaml_ng::Value>,
+    burst: Option<serde_yaml_ng::Value>,
+    daily_requests: Option<serde_yaml_ng::Value>,
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -356,7 +356,7 @@ impl Config {
             }]));
         }
         let mut unknown = Vec::new();
-        let de = serde_yaml::Deserializer::from_str(text);
+        let de = serde_yaml_ng::Deserializer::from_str(text);
         let raw: RawConfig = serde_ignored::deserialize(de, |path| {
             // serde_ignored marks `Option` layers with a `?` segment; users never see them.
             let path = path.to_string();
@@ -383,10 +383,10 @@ impl Validator {
         self.problems.push(Problem { path: path.to_string(), message: message.into() });
     }
 
-    fn duration(&mut self, path: &str, v: Option<serde_yaml::Value>, default: Duration) -> Duration {
+    fn duration(&mut self, path: &str, v: Option<serde_yaml_ng::Value>, default: Duration) -> Duration {
         match v {
-            None | Some(serde_yaml::Value::Null) => default,
-            Some(serde_yaml::Value::String(s)) => match parse_duration(&s) {
+            None | Some(serde_yaml_ng::Value::Null) => default,
+            Some(serde_yaml_ng::Value::String(s)) => match parse_duration(&s) {
                 Ok(d) => d,
                 Err(e) => {
                     self.problem(path, e);
@@ -403,11 +403,11 @@ impl Validator {
         }
     }
 
-    fn size(&mut self, path: &str, v: Option<serde_yaml::Value>, default: u64) -> u64 {
+    fn size(&mut self, path: &str, v: Option<serde_yaml_ng::Value>, default: u64) -> u64 {
         match v {
-            None | Some(serde_yaml::Value::Null) => default,
-            Some(serde_yaml::Value::Number(n)) if n.as_u64().is_some() => n.as_u64().unwrap_or(default),
-            Some(serde_yaml::Value::String(s)) => match parse_size(&s) {
+            None | Some(serde_yaml_ng::Value::Null) => default,
+            Some(serde_yaml_ng::Value::Number(n)) if n.as_u64().is_some() => n.as_u64().unwrap_or(default),
+            Some(serde_yaml_ng::Value::String(s)) => match parse_size(&s) {
                 Ok(n) => n,
                 Err(e) => {
                     self.problem(path, e);
@@ -425,8 +425,8 @@ impl Validator {
     }
 
     /// A positive integer no larger than `max`, or `default` when absent.
-    fn bounded(&mut self, path: &str, v: Option<serde_yaml::Value>, default: usize, max: u64) -> usize {
-        if matches!(&v, Some(serde_yaml::Value::Number(n)) if n.as_u64() == Some(0)) {
+    fn bounded(&mut self, path: &str, v: Option<serde_yaml_ng::Value>, default: usize, max: u64) -> usize {
+        if matches!(&v, Some(serde_yaml_ng::Value::Number(n)) if n.as_u64() == Some(0)) {
             self.problem(
                 path,
                 format!("must be from 1 to {max} (omit the field for the default, {default})"),
@@ -437,10 +437,10 @@ impl Validator {
     }
 
     /// A positive integer no larger than `max`, or `None` when absent.
-    fn count(&mut self, path: &str, v: Option<serde_yaml::Value>, max: u64) -> Option<u64> {
+    fn count(&mut self, path: &str, v: Option<serde_yaml_ng::Value>, max: u64) -> Option<u64> {
         match v {
-            None | Some(serde_yaml::Value::Null) => None,
-            Some(serde_yaml::Value::Number(n)) => match n.as_u64() {
+            None | Some(serde_yaml_ng::Value::Null) => None,
+            Some(serde_yaml_ng::Value::Number(n)) => match n.as_u64() {
                 Some(0) => {
                     self.problem(path, "must be at least 1 (omit the field for unlimited)");
                     None
@@ -748,8 +748,8 @@ impl Validator {
         tiers
     }
 
-    fn routes(&mut self, raw: Option<serde_yaml::Value>) -> RouteSpec {
-        use serde_yaml::Value;
+    fn routes(&mut self, raw: Option<serde_yaml_ng::Value>) -> RouteSpec {
+        use serde_yaml_ng::Value;
         match raw {
             None | Some(Value::Null) => RouteSpec::OpenAi,
             Some(Value::String(s)) if s == "rest" => RouteSpec::Rest,
@@ -758,7 +758,7 @@ impl Validator {
                 let mut rules = Vec::new();
                 for (i, item) in items.into_iter().enumerate() {
                     let base = format!("routes[{i}]");
-                    match serde_yaml::from_value::<RawRoute>(item) {
+                    match serde_yaml_ng::from_value::<RawRoute>(item) {
                         Ok(r) => {
                             if let Some(rule) = self.route(&base, r) {
                                 rules.push(rule);
@@ -863,8 +863,8 @@ fn default_tiers() -> BTreeMap<String, Tier> {
     ])
 }
 
-fn show(v: &serde_yaml::Value) -> String {
-    match serde_yaml::to_string(v) {
+fn show(v: &serde_yaml_ng::Value) -> String {
+    match serde_yaml_ng::to_string(v) {
         Ok(s) => format!("`{}`", s.trim_end()),
         Err(_) => "an unsupported value".into(),
     }
