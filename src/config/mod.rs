@@ -1,0 +1,260 @@
+//! Configuration: YAML → `RawConfig` (serde, every field optional) → `Config` (validated, typed).
+//!
+//! Two stages, so that `tollgate check` can report *every* problem with the path of the field
+//! that caused it: serde only reports the first type error, but unknown fields are collected by
+//! `serde_ignored` and all semantic checks run in `validate`, which never stops at the first one.
+//! Sits before everything else: `serve` and `reload` both go through `Config::from_yaml`.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+mod raw;
+#[cfg(test)]
+mod tests;
+mod units;
+mod validate;
+
+use raw::RawConfig;
+pub use units::{parse_duration, parse_size};
+use validate::Validator;
+
+/// One problem found in a config file: the dotted path of the field and what is wrong with it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    pub path: String,
+    pub message: String,
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.path.is_empty() {
+            write!(f, "{}", self.message)
+        } else {
+            write!(f, "{}: {}", self.path, self.message)
+        }
+    }
+}
+
+/// Every problem of a rejected config. Never seen by clients: printed by `check`, logged by a
+/// failed reload, or printed before any port is bound by `serve`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    pub source_name: String,
+    pub problems: Vec<Problem>,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "invalid config {}:", self.source_name)?;
+        for p in &self.problems {
+            write!(f, "\n  - {p}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+// ---------------------------------------------------------------------------------------------
+// Stage 2: the validated config the rest of the program uses.
+// ---------------------------------------------------------------------------------------------
+
+/// A validated configuration generation. Cheap to clone; held by `Snapshot`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    pub listen: SocketAddr,
+    pub admin_listen: SocketAddr,
+    pub upstream: Upstream,
+    pub tls: Option<TlsFiles>,
+    pub limits: Limits,
+    pub shutdown: Shutdown,
+    pub log: Log,
+    pub store: Store,
+    pub auth: Auth,
+    pub rate_limits: RateLimits,
+    pub tiers: BTreeMap<String, Tier>,
+    pub routes: RouteSpec,
+    pub default_scope: Option<String>,
+    /// Peers whose `x-forwarded-for` is believed for the client's address (`client_addr.rs`).
+    pub trusted_proxies: crate::net::client_addr::TrustedProxies,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Upstream {
+    /// `http://host:port`, no path: the request path is appended unchanged.
+    pub url: http::Uri,
+    pub connect_timeout: Duration,
+    pub timeout: Duration,
+    pub api_key_env: Option<String>,
+    /// Upstream connections open at once, at most (each carries one request at a time).
+    pub max_connections: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Limits {
+    pub max_header_bytes: usize,
+    pub max_body_bytes: u64,
+    pub header_read_timeout: Duration,
+    pub stream_idle_timeout: Duration,
+    /// Client connections open at once, at most; past it, new ones wait in the listen backlog.
+    pub max_connections: usize,
+    /// HTTP/2 streams per client connection (SETTINGS_MAX_CONCURRENT_STREAMS).
+    pub max_concurrent_streams: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Shutdown {
+    pub drain_delay: Duration,
+    pub timeout: Duration,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Log {
+    pub format: LogFormat,
+    pub level: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Store {
+    pub sqlite: PathBuf,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Auth {
+    pub key_prefix: String,
+    pub workspace: Option<String>,
+    pub cache_ttl: Duration,
+    pub cache_capacity: u64,
+    /// How long a failed verification is remembered (a wrong secret costs Argon2 work once).
+    pub negative_cache_ttl: Duration,
+    /// How often revocations made elsewhere (CLI, other replicas) are picked up.
+    pub revocation_poll: Duration,
+    /// How long a revoked key can be restored before it is purged.
+    pub revocation_retention: Duration,
+    pub argon2: crate::keys::HashParams,
+    /// Failed authentications allowed per source address: a steady rate and a burst.
+    pub failed_auth_per_second: u32,
+    pub failed_auth_burst: u32,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LimitPer {
+    Org,
+    Key,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LimitBackend {
+    Local,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RateLimits {
+    pub per: LimitPer,
+    pub backend: LimitBackend,
+    /// Negotiated limits for one organisation, replacing its keys' tier limits.
+    pub org_overrides: BTreeMap<String, Tier>,
+    /// Negotiated limits for one key (by id), replacing its tier and organisation limits.
+    pub key_overrides: BTreeMap<String, Tier>,
+}
+
+/// One tier. `None` means unlimited in that dimension.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Tier {
+    pub requests_per_second: Option<u32>,
+    /// Defaults to `requests_per_second` (one second's worth) when only the rate is given.
+    pub burst: Option<u32>,
+    pub daily_requests: Option<u64>,
+}
+
+/// Which route table is in force (§3).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RouteSpec {
+    /// The built-in OpenAI-compatible table.
+    OpenAi,
+    /// The read / write / admin REST table.
+    Rest,
+    /// An explicit list; first match wins.
+    List(Vec<RouteRule>),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RouteRule {
+    /// `None` matches any method.
+    pub method: Option<http::Method>,
+    pub path: String,
+    /// The scope a key needs; `None` for a public route (`public: true`), which needs no key.
+    pub scope: Option<String>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        // The embedded defaults of SPEC §9. Validating an empty mapping is the single source of
+        // truth for them, so `Default` can never drift from what `{}` in a file means.
+        match Config::from_yaml("{}", "<embedded defaults>") {
+            Ok(c) => c,
+            // An empty document has no fields that can be wrong; reaching this is a bug in the
+            // defaults below, caught by the `defaults_are_valid` test.
+            Err(e) => panic!("embedded defaults are invalid: {e}"),
+        }
+    }
+}
+
+impl Config {
+    /// Reads and validates a config file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let name = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+            source_name: name.clone(),
+            problems: vec![Problem { path: String::new(), message: format!("cannot read file: {e}") }],
+        })?;
+        Config::from_yaml(&text, &name)
+    }
+
+    /// Parses and validates YAML text. `source_name` is only used in the error.
+    pub fn from_yaml(text: &str, source_name: &str) -> Result<Config, ConfigError> {
+        let fail = |problems| ConfigError { source_name: source_name.to_string(), problems };
+        // An empty (or comments-only) file is an error, not the embedded defaults: it is what a
+        // reload sees when it catches a file being rewritten, or an operator's mistake, and as
+        // the defaults it would drop every custom tier and upstream. `{}` asks for the defaults.
+        let is_empty = text.lines().all(|l| l.trim().is_empty() || l.trim_start().starts_with('#'));
+        if is_empty {
+            return Err(fail(vec![Problem {
+                path: String::new(),
+                message: "the file is empty; write `{}` for the embedded defaults, or run without --config"
+                    .into(),
+            }]));
+        }
+        let mut unknown = Vec::new();
+        let de = serde_yaml_ng::Deserializer::from_str(text);
+        let raw: RawConfig = serde_ignored::deserialize(de, |path| {
+            // serde_ignored marks `Option` layers with a `?` segment; users never see them.
+            let path = path.to_string();
+            let path = path.split('.').filter(|s| *s != "?").collect::<Vec<_>>().join(".");
+            unknown.push(Problem { path, message: "unknown field".into() })
+        })
+        .map_err(|e| fail(vec![Problem { path: String::new(), message: e.to_string() }]))?;
+        let mut v = Validator { problems: unknown };
+        let config = v.config(raw);
+        if v.problems.is_empty() {
+            Ok(config)
+        } else {
+            Err(fail(v.problems))
+        }
+    }
+}

@@ -1,0 +1,136 @@
+//! Config loading and validation: defaults, every problem with its path, units.
+#![allow(clippy::unwrap_used)]
+
+use super::*;
+
+#[test]
+fn an_empty_file_is_an_error_not_the_defaults() {
+    for text in ["", "\n  \n", "# only a comment\n"] {
+        let e = Config::from_yaml(text, "t").unwrap_err();
+        assert!(e.to_string().contains("the file is empty"), "{text:?}: {e}");
+    }
+}
+
+#[test]
+fn defaults_are_valid_and_match_the_contract() {
+    let c = Config::from_yaml("{}", "t").unwrap();
+    assert_eq!(c.listen.to_string(), "0.0.0.0:8080");
+    assert_eq!(c.admin_listen.to_string(), "0.0.0.0:9090");
+    assert_eq!(c.upstream.url.to_string(), "http://127.0.0.1:8000/");
+    assert_eq!(c.upstream.connect_timeout, Duration::from_secs(2));
+    assert_eq!(c.upstream.timeout, Duration::from_secs(600));
+    assert_eq!(c.limits.max_header_bytes, 16 * 1024);
+    assert_eq!(c.limits.max_body_bytes, 10 * 1024 * 1024);
+    assert_eq!(c.shutdown.drain_delay, Duration::from_secs(5));
+    assert_eq!(c.store.sqlite, PathBuf::from("./tollgate.db"));
+    assert_eq!(c.auth.key_prefix, "tg");
+    assert_eq!(c.auth.cache_capacity, 100_000);
+    assert_eq!(c.routes, RouteSpec::OpenAi);
+    assert_eq!(c.tiers["audit"].requests_per_second, Some(50));
+    assert_eq!(c.tiers["audit"].burst, Some(200));
+    assert_eq!(c.tiers["audit"].daily_requests, Some(100_000));
+    assert_eq!(c.tiers["audit-plus"].burst, Some(800));
+    assert_eq!(c.tiers["enterprise"].daily_requests, None);
+    assert_eq!(Config::default(), c);
+}
+
+#[test]
+fn overrides_are_validated_like_tiers() {
+    let c = Config::from_yaml(
+        "rate_limits:\n  overrides:\n    orgs: { acme: { requests_per_second: 500, burst: 2000 } }\n    keys: { abc: { daily_requests: 10 } }\n",
+        "t",
+    )
+    .unwrap();
+    assert_eq!(c.rate_limits.org_overrides["acme"].burst, Some(2000));
+    assert_eq!(c.rate_limits.key_overrides["abc"].daily_requests, Some(10));
+    let e =
+        Config::from_yaml("rate_limits: { overrides: { orgs: { acme: { burst: 5 } } } }\n", "t").unwrap_err();
+    assert_eq!(e.problems[0].path, "rate_limits.overrides.orgs.acme.burst");
+}
+
+#[test]
+fn every_problem_is_reported_with_its_path() {
+    let yaml = "
+listen: nowhere
+upstream:
+  url: https://x
+  timeout: 10 parsecs
+  bogus: 1
+limits:
+  max_body_bytes: lots
+tiers:
+  gold: { requests_per_second: 0, burst: 5, extra: true }
+log: { format: xml }
+";
+    let e = Config::from_yaml(yaml, "t.yaml").unwrap_err();
+    let paths: Vec<&str> = e.problems.iter().map(|p| p.path.as_str()).collect();
+    for want in [
+        "listen",
+        "upstream.url",
+        "upstream.timeout",
+        "upstream.bogus",
+        "limits.max_body_bytes",
+        "tiers.gold.requests_per_second",
+        "tiers.gold.burst",
+        "tiers.gold.extra",
+        "log.format",
+    ] {
+        assert!(paths.contains(&want), "missing {want} in {paths:?}");
+    }
+    assert_eq!(paths.len(), 9, "{e}");
+}
+
+#[test]
+fn a_given_tiers_map_replaces_the_defaults() {
+    let c = Config::from_yaml("tiers:\n  free: { requests_per_second: 2 }\n", "t").unwrap();
+    assert_eq!(c.tiers.len(), 1);
+    assert_eq!(c.tiers["free"], Tier { requests_per_second: Some(2), burst: Some(2), daily_requests: None });
+}
+
+#[test]
+fn routes_forms() {
+    let c = Config::from_yaml("routes: rest\n", "t").unwrap();
+    assert_eq!(c.routes, RouteSpec::Rest);
+    let c = Config::from_yaml(
+        "routes:\n  - { method: post, path: /v1/x, scope: w }\n  - { path: \"/v1/y/*\", scope: r }\n",
+        "t",
+    )
+    .unwrap();
+    let RouteSpec::List(rules) = c.routes else { panic!("expected a list") };
+    assert_eq!(rules[0].method, Some(http::Method::POST));
+    assert_eq!(rules[1].method, None);
+    let e = Config::from_yaml("routes:\n  - { path: \"/v1/*/x\", scope: r }\n", "t").unwrap_err();
+    assert_eq!(e.problems[0].path, "routes[0].path");
+
+    // Public routes: `public: true` instead of a scope, never both, never neither.
+    let c = Config::from_yaml("routes:\n  - { method: GET, path: /health, public: true }\n", "t").unwrap();
+    let RouteSpec::List(rules) = c.routes else { panic!("expected a list") };
+    assert_eq!(rules[0].scope, None);
+    let e = Config::from_yaml(
+        "routes:\n  - { path: /a, scope: r, public: true }\n  - { path: /b }\n  - { path: /c, public: false }\n",
+        "t",
+    )
+    .unwrap_err();
+    let paths: Vec<&str> = e.problems.iter().map(|p| p.path.as_str()).collect();
+    assert_eq!(paths, ["routes[0].public", "routes[1].scope", "routes[2].scope"]);
+}
+
+#[test]
+fn durations_and_sizes() {
+    assert_eq!(parse_duration("500ms").unwrap(), Duration::from_millis(500));
+    assert_eq!(parse_duration("90d").unwrap(), Duration::from_secs(90 * 86_400));
+    assert!(parse_duration("5").is_err());
+    assert!(parse_duration("-5s").is_err());
+    assert!(parse_duration("5 s").is_err());
+    assert_eq!(parse_size("16KiB").unwrap(), 16_384);
+    assert_eq!(parse_size("10MiB").unwrap(), 10 << 20);
+    assert_eq!(parse_size("512").unwrap(), 512);
+    assert!(parse_size("1TiB").is_err());
+    assert!(parse_size("99999999999999999999GiB").is_err());
+}
+
+#[test]
+fn type_errors_name_their_field() {
+    let e = Config::from_yaml("upstream: { url: [1, 2] }\n", "t").unwrap_err();
+    assert!(e.problems[0].message.contains("upstream.url"), "{e}");
+}
