@@ -59,7 +59,7 @@ impl Reason {
 /// Extracts the token of exactly one `Authorization: Bearer <token>` header, strictly: one
 /// header, the scheme (case-insensitive), one space, and a token of visible ASCII no longer than
 /// any well-formed key.
-pub(super) fn bearer(headers: &HeaderMap) -> Result<&str, Reason> {
+pub fn bearer(headers: &HeaderMap) -> Result<&str, Reason> {
     let mut all = headers.get_all(header::AUTHORIZATION).iter();
     let value = all.next().ok_or(Reason::Missing)?;
     if all.next().is_some() {

@@ -32,7 +32,7 @@ mod principal;
 mod tests;
 mod verifier;
 
-use bearer::bearer;
+pub use bearer::bearer;
 pub use bearer::Reason;
 use principal::Profiles;
 pub use principal::{Principal, Profile};

@@ -123,11 +123,11 @@ where
                 let timer = match this.timer {
                     Some(t) => {
                         if std::mem::take(this.stale) {
-                            t.as_mut().reset(Instant::now() + *this.idle);
+                            t.as_mut().reset(deadline(*this.idle));
                         }
                         t
                     }
-                    None => this.timer.insert(Box::pin(tokio::time::sleep(*this.idle))),
+                    None => this.timer.insert(Box::pin(tokio::time::sleep_until(deadline(*this.idle)))),
                 };
                 ready!(timer.as_mut().poll(cx));
                 stop(this.flag, Stop::Idle)
@@ -142,4 +142,11 @@ where
     fn size_hint(&self) -> SizeHint {
         self.inner.size_hint()
     }
+}
+
+/// `idle` from now; a duration too large to add (a config of billions of years) waits
+/// practically forever instead of panicking.
+fn deadline(idle: Duration) -> Instant {
+    let now = Instant::now();
+    now.checked_add(idle).unwrap_or_else(|| now + Duration::from_secs(100 * 365 * 86_400))
 }

@@ -156,3 +156,28 @@ impl futures_core::Stream for PendingStream {
         Poll::Pending
     }
 }
+
+/// An idle timeout too large to add to the clock waits instead of panicking (found by fuzzing
+/// the config: `stream_idle_timeout: 18446744073709551615s` panicked every paused stream).
+#[tokio::test]
+async fn a_huge_idle_timeout_does_not_overflow_the_clock() {
+    /// Pending, then one frame, then pending for good: the timer is armed, then re-armed.
+    struct Pauses(u8);
+    impl futures_core::Stream for Pauses {
+        type Item = Result<Frame<Bytes>, std::convert::Infallible>;
+        fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+            self.0 += 1;
+            match self.0 {
+                2 => Poll::Ready(Some(Ok(Frame::data(Bytes::from_static(b"x"))))),
+                1 => {
+                    cx.waker().wake_by_ref();
+                    Poll::Pending
+                }
+                _ => Poll::Pending,
+            }
+        }
+    }
+    let g = Guarded::new(StreamBody::new(Pauses(0)), Duration::MAX, None, None);
+    let waited = tokio::time::timeout(Duration::from_millis(50), g.collect()).await;
+    assert!(waited.is_err(), "the body should still be waiting");
+}

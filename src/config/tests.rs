@@ -134,3 +134,13 @@ fn type_errors_name_their_field() {
     let e = Config::from_yaml("upstream: { url: [1, 2] }\n", "t").unwrap_err();
     assert!(e.problems[0].message.contains("upstream.url"), "{e}");
 }
+
+#[test]
+fn durations_past_a_century_are_refused() {
+    assert_eq!(parse_duration("36500d").unwrap(), Duration::from_secs(36_500 * 86_400));
+    for huge in ["36501d", "18446744073709551615s", "99999999999999h"] {
+        assert!(parse_duration(huge).is_err(), "{huge}");
+    }
+    let e = Config::from_yaml("limits: { stream_idle_timeout: 18446744073709551615s }", "t").unwrap_err();
+    assert!(e.to_string().contains("limits.stream_idle_timeout"), "{e}");
+}

@@ -11,15 +11,22 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let (num, unit) = t.split_at(split);
     let n: u64 = num.parse().map_err(|_| err())?;
     let secs = |k: u64| n.checked_mul(k).map(Duration::from_secs).ok_or_else(err);
-    match unit {
+    let d = match unit {
         "ms" => Ok(Duration::from_millis(n)),
         "s" => secs(1),
         "m" => secs(60),
         "h" => secs(3600),
         "d" => secs(86_400),
         _ => Err(err()),
+    }?;
+    // Past this, deadlines overflow the clock (found by fuzzing): no timeout needs more.
+    if d > MAX_DURATION {
+        return Err(format!("at most 36500d (100 years), got `{s}`"));
     }
+    Ok(d)
 }
+
+const MAX_DURATION: Duration = Duration::from_secs(36_500 * 86_400);
 
 /// Parses `512`, `512B`, `16KiB`, `10MiB`, `1GiB` (and the decimal `KB`, `MB`, `GB`).
 pub fn parse_size(s: &str) -> Result<u64, String> {
