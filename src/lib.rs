@@ -23,6 +23,7 @@
 
 pub mod auth;
 pub mod body;
+pub mod cli;
 pub mod clock;
 pub mod config;
 pub mod error;
@@ -38,6 +39,9 @@ pub mod store;
 pub mod tasks;
 pub mod upstream;
 
+mod startup;
+pub use startup::StartupError;
+
 use std::future::Future;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -52,23 +56,27 @@ pub async fn serve(
     config_path: Option<PathBuf>,
     log_level: Option<reload::LogLevelHook>,
     shutdown: impl Future<Output = ()>,
-) -> Result<(), String> {
-    let metrics = metrics::Metrics::new().map_err(|e| format!("metrics: {e}"))?;
-    let snapshot = state::Snapshot::build(config, None).map_err(|e| e.to_string())?;
+) -> Result<(), StartupError> {
+    let metrics = metrics::Metrics::new().map_err(|e| StartupError::Metrics(e.to_string()))?;
+    let snapshot = state::Snapshot::build(config, None)?;
     let certs = match &snapshot.config.tls {
-        Some(files) => Some(Arc::new(net::tls::Certificates::load(files)?)),
+        Some(files) => Some(Arc::new(net::tls::Certificates::load(files).map_err(StartupError::Tls)?)),
         None => None,
     };
     let acceptor = match &certs {
-        Some(c) => Some(tokio_rustls::TlsAcceptor::from(net::tls::server_config(c.clone())?)),
+        Some(c) => Some(tokio_rustls::TlsAcceptor::from(
+            net::tls::server_config(c.clone()).map_err(StartupError::Tls)?,
+        )),
         None => None,
     };
-    let store = store::open(&snapshot.config.store).await.map_err(|e| format!("store.sqlite: {e}"))?;
-    let auth = Arc::new(auth::Authenticator::new(store, &snapshot.config.auth)?);
-    let listeners =
-        net::listener::Listeners::bind(snapshot.config.listen, snapshot.config.admin_listen).await?;
-    let public = listeners.public.local_addr().map_err(|e| e.to_string())?;
-    let admin = listeners.admin.local_addr().map_err(|e| e.to_string())?;
+    let store = store::open(&snapshot.config.store).await?;
+    let auth =
+        Arc::new(auth::Authenticator::new(store, &snapshot.config.auth).map_err(StartupError::System)?);
+    let listeners = net::listener::Listeners::bind(snapshot.config.listen, snapshot.config.admin_listen)
+        .await
+        .map_err(StartupError::Listen)?;
+    let local = |l: &tokio::net::TcpListener| l.local_addr().map_err(|e| StartupError::Listen(e.to_string()));
+    let (public, admin) = (local(&listeners.public)?, local(&listeners.admin)?);
     let state = Arc::new(state::State::new(snapshot, metrics, auth.clone(), config_path));
     tracing::info!(
         public = %public,

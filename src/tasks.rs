@@ -34,7 +34,7 @@ pub async fn maintain_keys(auth: Arc<Authenticator>, state: Arc<State>) {
                     }
                 } => match change {
                     Some(c) => {
-                        auth.apply_change(&c.id, c.at);
+                        auth.apply(&c);
                     }
                     // The feed ended: polling alone from here on.
                     None => pushed = None,

@@ -257,6 +257,16 @@ impl Authenticator {
         true
     }
 
+    /// Applies a change reported by the store (polled or pushed). A creation evicts nothing:
+    /// no token of the key existed before, so all that could be cached is its own fresh,
+    /// valid outcome (evicting it cost a second Argon2id verification of a key in use).
+    pub fn apply(&self, c: &crate::store::Change) -> bool {
+        if c.created {
+            return self.note_change(&c.id, c.at);
+        }
+        self.apply_change(&c.id, c.at)
+    }
+
     /// Records a change as applied without evicting anything (a key created here: nothing can
     /// be cached for it). Returns whether it was new.
     pub fn note_change(&self, id: &str, at: i64) -> bool {
@@ -273,7 +283,7 @@ impl Authenticator {
     pub async fn poll_changes(&self, since: i64) -> Result<i64, StoreError> {
         let now = clock::now_ms();
         for c in self.store.changed_since(since).await? {
-            self.apply_change(&c.id, c.at);
+            self.apply(&c);
         }
         let next = now - CHANGE_OVERLAP_MS;
         // Older changes are not returned by any later poll: nothing to remember them for.

@@ -25,6 +25,8 @@ pub enum StoreError {
 pub struct Change {
     pub id: String,
     pub at: i64,
+    /// The change is the key's creation: nothing cached can be stale (no token of it existed).
+    pub created: bool,
 }
 
 /// The request path: a key by id, to verify a presented token against.

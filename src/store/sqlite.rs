@@ -265,13 +265,17 @@ impl KeyUpkeep for SqliteStore {
     }
 
     async fn changed_since(&self, since_ms: i64) -> Result<Vec<Change>, StoreError> {
-        let rows = sqlx::query("SELECT id, updated_at FROM keys WHERE updated_at >= ?")
+        let rows = sqlx::query("SELECT id, updated_at, created_at FROM keys WHERE updated_at >= ?")
             .bind(since_ms)
             .fetch_all(self.pool()?)
             .await
             .map_err(unavailable)?;
         rows.iter()
-            .map(|r| Ok(Change { id: r.try_get("id")?, at: r.try_get("updated_at")? }))
+            .map(|r| {
+                let at: i64 = r.try_get("updated_at")?;
+                let created: i64 = r.try_get("created_at")?;
+                Ok(Change { id: r.try_get("id")?, at, created: at == created })
+            })
             .collect::<Result<_, sqlx::Error>>()
             .map_err(unavailable)
     }
@@ -387,7 +391,10 @@ mod tests {
 
         assert!(s.set_revoked("a", Some((2000, "cli")), &ev("a", "revoke", 2000)).await.unwrap());
         assert!(!s.set_revoked("zz", Some((2000, "cli")), &ev("zz", "revoke", 2000)).await.unwrap());
-        assert_eq!(s.changed_since(2000).await.unwrap(), [Change { id: "a".into(), at: 2000 }]);
+        assert_eq!(
+            s.changed_since(2000).await.unwrap(),
+            [Change { id: "a".into(), at: 2000, created: false }]
+        );
         assert!(s.changed_since(2001).await.unwrap().is_empty());
         let a = s.get("a").await.unwrap().unwrap();
         assert_eq!((a.revoked_at, a.revoked_by.as_deref()), (Some(2000), Some("cli")));
