@@ -1,25 +1,25 @@
 //! tollgate — an auth and rate-limit sidecar for OpenAI-compatible inference APIs.
 //!
-//! The request path (SPEC §1), one module per step, in flow order:
+//! The request path (SPEC §1), one folder per concern, in flow order:
 //!
 //! ```text
-//! client ─► listener (TCP, optional TLS)          listener.rs, tls.rs
-//!        ─► HTTP/1.1 + HTTP/2 server (hyper)       server.rs
-//!        ─► THE PIPELINE                           proxy.rs   ← read this first
-//!             reject keys in the URL, bad targets  target.rs
-//!             the client's address                 client_addr.rs
-//!             authenticate                         auth.rs, keys.rs, store/
-//!             (key-management API, served here)    keys_api.rs, manage.rs
-//!             route table ─► scope check           scope.rs
-//!             rate limit                           ratelimit.rs
-//!             forward, streaming both ways         forward.rs, body.rs, upstream.rs
-//!        ─► response; metrics + access log         metrics.rs
+//! client ─► listener (TCP, optional TLS)          net/listener.rs, net/tls.rs
+//!        ─► HTTP/1.1 + HTTP/2 server (hyper)       net/server.rs
+//!        ─► THE PIPELINE                           proxy/mod.rs   ← read this first
+//!             request context, client address      proxy/context.rs, net/client_addr.rs
+//!             reject keys in the URL, bad targets  proxy/target.rs
+//!             authenticate                         auth/, keys/, store/
+//!             (key-management API, served here)    keys/api.rs, keys/lifecycle.rs
+//!             route table ─► scope check           proxy/routes.rs
+//!             rate limit                           limits/
+//!             forward, streaming both ways         upstream/, body/
+//!        ─► response; metrics + access log         proxy/access_log.rs, metrics.rs
 //! every failure → one JSON error body              error.rs
 //! ```
 //!
-//! Around it: `config` (YAML → validated `Config`), `state` (`State` and the swappable
-//! `Snapshot`), `reload` (SIGHUP / file changes), `priority` (background threads below the
-//! request path).
+//! Around it: `config/` (YAML → validated `Config`), `state` (`State` and the swappable
+//! `Snapshot`), `reload` (SIGHUP / file changes), `tasks` (every background loop), `cli/`,
+//! `priority` (background threads below the request path).
 
 pub mod auth;
 pub mod body;
