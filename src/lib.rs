@@ -31,12 +31,12 @@ pub mod keys;
 pub mod limits;
 pub mod metrics;
 pub mod net;
-pub mod priority;
+pub(crate) mod priority;
 pub mod proxy;
 pub mod reload;
 pub mod state;
 pub mod store;
-pub mod tasks;
+pub(crate) mod tasks;
 pub mod upstream;
 
 mod startup;
