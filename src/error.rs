@@ -79,6 +79,10 @@ pub enum Error {
     #[error("Your API key does not have permission to perform this action. Keys it creates, rotates or restores must be of its own tier `{current}`, not `{tier}`.")]
     TierForbidden { tier: String, current: String },
 
+    /// A key-API restore of a key that would outlive the caller's own key.
+    #[error("Your API key does not have permission to perform this action. It expires, and can only restore keys that expire no later than itself.")]
+    ExpiryForbidden,
+
     #[error("No route matches {method} {path}.")]
     NotFound { method: String, path: String },
 
@@ -129,7 +133,9 @@ impl Error {
         match self {
             Error::KeyInUrl { .. } | Error::KeyInPath | Error::BadRequest(_) => StatusCode::BAD_REQUEST,
             Error::Unauthorized { .. } => StatusCode::UNAUTHORIZED,
-            Error::Forbidden { .. } | Error::TierForbidden { .. } => StatusCode::FORBIDDEN,
+            Error::Forbidden { .. } | Error::TierForbidden { .. } | Error::ExpiryForbidden => {
+                StatusCode::FORBIDDEN
+            }
             Error::NotFound { .. } | Error::KeyNotFound(_) => StatusCode::NOT_FOUND,
             Error::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Error::HeadersTooLarge { .. } | Error::TooManyHeaders { .. } => {
@@ -150,7 +156,7 @@ impl Error {
             Error::KeyInUrl { .. } | Error::KeyInPath => "key_in_url",
             Error::BadRequest(_) => "bad_request",
             Error::Unauthorized { .. } => "unauthorized",
-            Error::Forbidden { .. } | Error::TierForbidden { .. } => "forbidden",
+            Error::Forbidden { .. } | Error::TierForbidden { .. } | Error::ExpiryForbidden => "forbidden",
             Error::NotFound { .. } | Error::KeyNotFound(_) => "not_found",
             Error::PayloadTooLarge { .. } => "payload_too_large",
             Error::HeadersTooLarge { .. } | Error::TooManyHeaders { .. } => "headers_too_large",
@@ -185,7 +191,9 @@ impl Error {
             | Error::TooManyHeaders { .. }
             | Error::RequestTimeout { .. } => "invalid_request_error",
             Error::Unauthorized { .. } => "authentication_error",
-            Error::Forbidden { .. } | Error::TierForbidden { .. } => "permission_error",
+            Error::Forbidden { .. } | Error::TierForbidden { .. } | Error::ExpiryForbidden => {
+                "permission_error"
+            }
             Error::RateLimited { .. } => "rate_limit_error",
             Error::UpstreamUnavailable { .. }
             | Error::Unavailable(_)

@@ -93,7 +93,15 @@ pub struct Authenticator {
     /// changes with an overlap, so one change is seen up to three times; each costs a new
     /// Argon2id verification of a key in use, so it is applied once.
     applied: Mutex<HashMap<String, i64>>,
+    /// Per key, the last eviction of its cached outcomes: its number in `evictions` and when
+    /// (`clock_ms`), so that a lookup in flight then does not cache what it read before it.
+    evicted: Mutex<HashMap<String, (u64, u64)>>,
+    /// Evictions so far: a lookup notes the count when it starts.
+    evictions: std::sync::atomic::AtomicU64,
 }
+
+/// How long an eviction is remembered: longer than any lookup and verification takes.
+const EVICTION_MEMORY_MS: u64 = 60_000;
 
 /// Changes are read with an overlap, so that a write racing the previous poll is not missed.
 pub const CHANGE_OVERLAP_MS: i64 = 2_000;
@@ -124,6 +132,8 @@ impl Authenticator {
             verifying: Mutex::new(HashMap::new()),
             verifier_threads: cores,
             applied: Mutex::new(HashMap::new()),
+            evicted: Mutex::new(HashMap::new()),
+            evictions: std::sync::atomic::AtomicU64::new(0),
         })
     }
 
@@ -177,6 +187,7 @@ impl Authenticator {
                         Err(guard) => {
                             let _slot = self.verifying_slot(source).await;
                             self.check_blocked(source, metrics).await?;
+                            let looked_up = self.evictions.load(Ordering::SeqCst);
                             let entry =
                             self.lookup_and_verify(parsed.id, parsed.secret(), metrics).await.map_err(|e| {
                                 tracing::error!(error = %e, "key store unreachable during authentication");
@@ -188,7 +199,12 @@ impl Authenticator {
                                 Entry::Invalid { .. } => cfg.negative_cache_ttl,
                             };
                             let expires_ms = self.clock_ms().saturating_add(millis(ttl));
-                            let _ = guard.insert(Cached { entry: entry.clone(), expires_ms });
+                            // A change applied while this lookup ran found nothing to evict (the
+                            // slot was a placeholder): this outcome may predate it, so it is not
+                            // cached; the next request reads the store again.
+                            if !self.evicted_since(parsed.id, looked_up) {
+                                let _ = guard.insert(Cached { entry: entry.clone(), expires_ms });
+                            }
                             entry
                         }
                     };
@@ -241,11 +257,6 @@ impl Authenticator {
         })
     }
 
-    /// Drops every cached outcome for a key id: the next request reads the store again.
-    pub fn invalidate(&self, key_id: &str) {
-        self.cache.retain(|_, c| c.entry.key_id() != Some(key_id));
-    }
-
     /// Applies the change of key `id` that the store stamped `at`: its cached outcomes are
     /// dropped, once per change however often it is seen. A different stamp is a new change
     /// even when it is older (writers' clocks may disagree). Returns whether it was new.
@@ -255,6 +266,21 @@ impl Authenticator {
         }
         self.invalidate(id);
         true
+    }
+
+    /// Drops every cached outcome for a key id, and remembers when, for lookups in flight.
+    pub fn invalidate(&self, key_id: &str) {
+        let n = self.evictions.fetch_add(1, Ordering::SeqCst) + 1;
+        self.evicted
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(key_id.to_string(), (n, self.clock_ms()));
+        self.cache.retain(|_, c| c.entry.key_id() != Some(key_id));
+    }
+
+    /// Whether `key_id`'s cached outcomes were evicted after the lookup that noted `seen`.
+    fn evicted_since(&self, key_id: &str, seen: u64) -> bool {
+        self.evicted.lock().unwrap_or_else(|e| e.into_inner()).get(key_id).is_some_and(|(n, _)| *n > seen)
     }
 
     /// Applies a change reported by the store (polled or pushed). A creation evicts nothing:
@@ -288,6 +314,8 @@ impl Authenticator {
         let next = now - CHANGE_OVERLAP_MS;
         // Older changes are not returned by any later poll: nothing to remember them for.
         self.applied.lock().unwrap_or_else(|e| e.into_inner()).retain(|_, at| *at >= next);
+        let recent = self.clock_ms().saturating_sub(EVICTION_MEMORY_MS);
+        self.evicted.lock().unwrap_or_else(|e| e.into_inner()).retain(|_, (_, at)| *at >= recent);
         Ok(next)
     }
 

@@ -183,3 +183,39 @@ async fn concurrent_wrong_secrets_from_one_source_are_verified_a_few_at_a_time()
     );
     assert!(limited as u64 + verified + 2 >= 40, "the rest are refused with 429: {limited}");
 }
+
+/// A key revoked while a request's lookup of it is in flight: the change finds nothing to
+/// evict (the slot is a placeholder), so the lookup must not cache what it read before it —
+/// or the revoked key would keep working for `cache_ttl`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revocation_during_a_lookup_is_not_undone_by_its_result() {
+    let dir = tempfile::tempdir().unwrap();
+    let yaml = "auth: { cache_ttl: 1h, argon2: { memory_kib: 32768, iterations: 2, parallelism: 1 } }";
+    let config = crate::config::Config::from_yaml(yaml, "test").unwrap();
+    let store: Arc<dyn KeyStore> =
+        Arc::new(crate::store::sqlite::SqliteStore::open(&dir.path().join("k.db")).await.unwrap());
+    let key = create_key(&store, &config).await;
+    let id = key.expose().split('_').nth(1).unwrap().to_string();
+    let auth = Arc::new(Authenticator::new(store.clone(), &config.auth).unwrap());
+    let metrics = Arc::new(Metrics::new().unwrap());
+    let ip: IpAddr = "127.0.0.1".parse().unwrap();
+    let h = headers(&[format!("Bearer {}", key.expose()).as_bytes()]);
+
+    let first = {
+        let (auth, metrics, cfg, h) = (auth.clone(), metrics.clone(), config.auth.clone(), h.clone());
+        tokio::spawn(async move { auth.authenticate(&cfg, &h, ip, &metrics).await.is_ok() })
+    };
+    // The verification of 32 MiB × 2 passes takes far longer than this.
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    let (_, at) = crate::keys::lifecycle::revoke(store.as_ref(), &id, &crate::keys::lifecycle::Actor::Cli)
+        .await
+        .unwrap();
+    auth.apply_change(&id, at.unwrap());
+    assert!(
+        verifications(&metrics) == 0,
+        "the lookup finished before the revocation: the test proves nothing"
+    );
+    first.await.unwrap();
+    let again = auth.authenticate(&config.auth, &h, ip, &metrics).await;
+    assert!(again.is_err(), "the revoked key was served from a cache entry written after the revocation");
+}

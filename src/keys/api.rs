@@ -47,6 +47,7 @@ impl From<ManageError> for Error {
             }
             ManageError::ScopeNotHeld { scope, held } => Error::Forbidden { required: scope, current: held },
             ManageError::TierNotHeld { tier, held } => Error::TierForbidden { tier, current: held },
+            ManageError::OutlivesActor => Error::ExpiryForbidden,
             ManageError::Store(e) => {
                 tracing::error!(error = %e, "key store error in the key API");
                 Error::Unavailable("The key store is unreachable; try again shortly.")
@@ -117,9 +118,13 @@ pub async fn handle(
         }
         (&Method::POST, [id, "revoke"]) => {
             let (r, changed) = lifecycle::revoke(store, id, &actor).await?;
-            // Immediate on this instance (§2): the next request with this key is refused.
-            if let Some(at) = changed {
-                state.auth.apply_change(id, at);
+            // Immediate on this instance (§2): the next request with this key is refused, even
+            // when another instance or the CLI revoked it first and no poll has seen that yet.
+            match changed {
+                Some(at) => {
+                    state.auth.apply_change(id, at);
+                }
+                None => state.auth.invalidate(id),
             }
             Ok(json_response(StatusCode::OK, r.to_json()))
         }

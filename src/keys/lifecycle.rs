@@ -22,6 +22,9 @@ pub enum ManageError {
     /// The actor would hand out a scope it does not hold.
     #[error("a key can only issue keys with scopes it holds itself; `{scope}` is not one of them")]
     ScopeNotHeld { scope: String, held: Vec<String> },
+    /// The actor would bring back a key that expires after the actor itself.
+    #[error("a key can only restore keys that expire no later than itself")]
+    OutlivesActor,
     /// The actor would hand out a tier other than its own.
     #[error("a key can only issue keys of its own tier `{held}`, not `{tier}`")]
     TierNotHeld { tier: String, held: String },
@@ -225,6 +228,12 @@ pub async fn restore(
 ) -> Result<(KeyRecord, i64), ManageError> {
     let mut r = fetch(store, id, actor.org()).await?;
     actor.may_issue(&r.tier, &r.scopes)?;
+    // Restoring makes a key work again: like one it creates, it must not outlive the caller.
+    if let Some(cap) = actor.not_after() {
+        if r.expires_at.is_none_or(|e| e > cap) {
+            return Err(ManageError::OutlivesActor);
+        }
+    }
     let Some(revoked_at) = r.revoked_at else {
         return Err(ManageError::Invalid(format!("key `{id}` is not revoked")));
     };

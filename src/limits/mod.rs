@@ -85,6 +85,8 @@ pub struct Limiter<C: Clock + Clone = DefaultClock> {
     keys: HashMap<String, Arc<Bucket<C>>>,
     clock: C,
     wall: Wall,
+    /// Unconfigured tiers already logged.
+    unconfigured: Mutex<std::collections::HashSet<String>>,
 }
 
 impl Limiter<DefaultClock> {
@@ -120,6 +122,7 @@ impl<C: Clock + Clone> Limiter<C> {
             keys: map(&rl.key_overrides, previous.map(|p| &p.keys)),
             clock,
             wall,
+            unconfigured: Mutex::new(std::collections::HashSet::new()),
         }
     }
 
@@ -149,7 +152,10 @@ impl<C: Clock + Clone> Limiter<C> {
             (b, entity)
         } else {
             // A configuration problem, not a limit: retrying later (the old 429) would not help.
-            tracing::error!(tier, org = %org, "a key's tier is not configured; its requests get 500");
+            // Once per tier and config generation: any holder of such a key could flood the log.
+            if self.unconfigured.lock().unwrap_or_else(|e| e.into_inner()).insert(tier.to_string()) {
+                tracing::error!(tier, org = %org, "a key's tier is not configured; its requests get 500");
+            }
             let message = format!(
                 "This key's tier `{tier}` is not configured on this server; an operator must configure the tier or move the key to another one."
             );

@@ -38,6 +38,13 @@ impl std::str::FromStr for Cidr {
                 _ => return Err(format!("the prefix length of `{s}` must be 0 to {max}")),
             },
         };
+        // Addresses are compared in canonical form (an IPv4-mapped IPv6 peer is its IPv4
+        // address), so a mapped network is the IPv4 network it maps.
+        if let IpAddr::V6(v6) = net {
+            if let (Some(v4), true) = (v6.to_ipv4_mapped(), bits >= 96) {
+                return Ok(Cidr { net: IpAddr::V4(v4), bits: bits - 96 });
+            }
+        }
         Ok(Cidr { net, bits })
     }
 }
@@ -73,15 +80,17 @@ impl TrustedProxies {
             return peer;
         }
         let mut client = peer;
-        // Header lines are hops in order; within a line, addresses are too.
-        let hops: Vec<&str> = headers
+        // Header lines are hops in order; within a line, addresses are too. Split as bytes: a
+        // client's junk (even non-ASCII) at the left of a line must not hide the hops a trusted
+        // proxy appended at its right.
+        let hops: Vec<&[u8]> = headers
             .get_all("x-forwarded-for")
             .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
+            .flat_map(|v| v.as_bytes().split(|b| *b == b','))
             .collect();
         for hop in hops.iter().rev() {
-            match hop.trim().parse::<IpAddr>() {
+            let parsed = std::str::from_utf8(hop).ok().and_then(|h| h.trim().parse::<IpAddr>().ok());
+            match parsed.ok_or(()) {
                 Ok(ip) => {
                     client = ip.to_canonical();
                     if !self.trusts(ip) {
@@ -122,6 +131,12 @@ mod tests {
         assert!(one.contains(ip("192.168.1.7")) && !one.contains(ip("192.168.1.8")));
         let v6: Cidr = "fd00::/8".parse().unwrap();
         assert!(v6.contains(ip("fd12::1")) && !v6.contains(ip("fe80::1")) && !v6.contains(ip("10.0.0.1")));
+        let mapped: Cidr = "::ffff:10.0.0.0/104".parse().unwrap();
+        assert!(
+            mapped.contains(ip("10.9.9.9"))
+                && mapped.contains(ip("::ffff:10.1.1.1"))
+                && !mapped.contains(ip("11.0.0.1"))
+        );
         let all: Cidr = "0.0.0.0/0".parse().unwrap();
         assert!(all.contains(ip("8.8.8.8")));
         for bad in ["10.0.0.0/33", "nope", "10.0.0.0/x", "::/129"] {
@@ -139,6 +154,10 @@ mod tests {
         // A client's forged left part is skipped: the rightmost untrusted hop wins.
         assert_eq!(t.client_ip(ip("10.0.0.5"), &xff(&["6.6.6.6, 1.2.3.4, 10.0.0.7"])), ip("1.2.3.4"));
         assert_eq!(t.client_ip(ip("10.0.0.5"), &xff(&["6.6.6.6", "1.2.3.4"])), ip("1.2.3.4"));
+        // Non-ASCII junk a client put at the left of the line the proxy appended to.
+        let mut h = HeaderMap::new();
+        h.insert("x-forwarded-for", http::HeaderValue::from_bytes(b"\x80junk, 1.2.3.4").unwrap());
+        assert_eq!(t.client_ip(ip("10.0.0.5"), &h), ip("1.2.3.4"));
         // Garbage stops the walk; no header: the peer.
         assert_eq!(t.client_ip(ip("10.0.0.5"), &xff(&["1.2.3.4, junk"])), ip("10.0.0.5"));
         assert_eq!(t.client_ip(ip("10.0.0.5"), &HeaderMap::new()), ip("10.0.0.5"));

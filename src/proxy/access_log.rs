@@ -14,8 +14,12 @@ use crate::state::State;
 /// The path for the access log, with any key-looking segment replaced: a key pasted into a URL
 /// must not reach the logs.
 pub(crate) fn redact_keys(path: &str, prefix: &str) -> String {
-    let looks_like_key = |seg: &str| {
+    let starts_like_key = |seg: &str| {
         seg.len() > prefix.len() && seg.starts_with(prefix) && seg.as_bytes()[prefix.len()] == b'_'
+    };
+    // Percent-encoded too (`tg%5F…`, `%74g_…`): such a path is refused, but still logged.
+    let looks_like_key = |seg: &str| {
+        starts_like_key(seg) || (seg.contains('%') && starts_like_key(&super::target::decode_component(seg)))
     };
     if !path.split('/').any(looks_like_key) {
         return path.to_string();

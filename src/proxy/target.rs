@@ -36,7 +36,12 @@ pub fn reject_key_in_url(uri: &Uri, prefix: &str) -> Result<(), Error> {
         let value = decode_component(value);
         let ours =
             value.len() > prefix.len() && value.starts_with(prefix) && value.as_bytes()[prefix.len()] == b'_';
-        if ours || KEY_PARAMS.iter().any(|k| k.eq_ignore_ascii_case(&name)) {
+        // A key pasted as the parameter's name (`?tg_…`) is a key in the URL too.
+        let named_like_ours = crate::keys::looks_like_key(prefix, &name);
+        if ours || named_like_ours || KEY_PARAMS.iter().any(|k| k.eq_ignore_ascii_case(&name)) {
+            if named_like_ours {
+                return Err(Error::KeyInUrl { param: "<redacted>".into() });
+            }
             return Err(Error::KeyInUrl { param: name });
         }
     }
@@ -113,7 +118,7 @@ fn check_path(path: &str) -> Result<(), &'static str> {
 }
 
 /// Percent-decodes a query component (`+` is a space there), lossily.
-fn decode_component(s: &str) -> String {
+pub(crate) fn decode_component(s: &str) -> String {
     let b = s.as_bytes();
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;
@@ -181,6 +186,14 @@ mod tests {
         for q in ["/v1/models", "/v1/models?monkey=1", "/v1/models?keys=1&tokens=2&q=tgx"] {
             assert!(reject_key_in_url(&q.parse().unwrap(), "tg").is_ok(), "{q}");
         }
+    }
+
+    #[test]
+    fn a_key_as_a_query_parameter_name_is_refused_and_not_echoed() {
+        let key = crate::keys::assemble("tg", "abcdefABCDEF", &"s".repeat(crate::keys::SECRET_LEN));
+        let e = reject_key_in_url(&format!("/v1/models?{key}").parse().unwrap(), "tg").unwrap_err();
+        assert_eq!(e.code(), "key_in_url");
+        assert!(!String::from_utf8_lossy(&e.body()).contains(&key[3..]), "the error echoes the key");
     }
 
     #[test]

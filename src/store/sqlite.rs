@@ -250,10 +250,18 @@ impl KeyAdmin for SqliteStore {
 impl KeyUpkeep for SqliteStore {
     async fn check(&self) -> Result<(), StoreError> {
         if self.lost.get().is_none() {
-            let what = match file_id(&self.path) {
-                now if now == self.file => return Ok(()),
-                None => "deleted",
-                Some(_) => "replaced",
+            let what = match std::fs::metadata(&self.path) {
+                Ok(m) if Some((m.dev(), m.ino())) == self.file => return Ok(()),
+                Ok(_) => "replaced",
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => "deleted",
+                // Anything else (EACCES, EIO, a stale NFS handle) may pass: say so, and look
+                // again next time rather than give up on the store for good.
+                Err(e) => {
+                    return Err(StoreError::Unavailable(format!(
+                        "cannot check the key store file {}: {e}",
+                        self.path.display()
+                    )))
+                }
             };
             let _ = self.lost.set(format!(
                 "the key store file {} was {what} while tollgate had it open; restart tollgate to use \

@@ -293,6 +293,15 @@ async fn keys_issued_by_an_expiring_key_expire_with_it() {
             .await;
     assert_eq!(rsp.status(), 201, "{rotated}");
     assert_eq!(rotated["expires_at"], cap.as_str());
+    // Nor can it bring a never-expiring key back: revoking is allowed, restoring is not.
+    let path = |action: &str| format!("/v1/keys/{}/{action}", id_of(&forever));
+    let (rsp, _) = send_json(&client, call(&tg, "POST", &path("revoke"), &caller, None)).await;
+    assert_eq!(rsp.status(), 200);
+    let (rsp, body) = send_json(&client, call(&tg, "POST", &path("restore"), &caller, None)).await;
+    assert_error(&rsp, &body, 403, "forbidden");
+    let (_, shown) =
+        send_json(&client, call(&tg, "GET", &format!("/v1/keys/{}", id_of(&forever)), &caller, None)).await;
+    assert_eq!(shown["status"], "revoked");
 }
 
 #[test]
