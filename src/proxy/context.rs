@@ -88,7 +88,8 @@ impl Ctx {
             path: std::mem::take(&mut self.log_path),
             status,
             code,
-            request_id: self.request_id.clone(),
+            // Moved, not cloned: the context is done with it.
+            request_id: std::mem::replace(&mut self.request_id, HeaderValue::from_static("")),
             peer: self.peer.client,
         }
     }
