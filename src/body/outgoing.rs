@@ -42,3 +42,9 @@ impl HttpBody for Outgoing {
         }
     }
 }
+
+impl From<hyper::body::Incoming> for Outgoing {
+    fn from(b: hyper::body::Incoming) -> Outgoing {
+        Outgoing::Client(b)
+    }
+}

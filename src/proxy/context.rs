@@ -66,7 +66,7 @@ impl Ctx {
 
     /// Writes what the response carries from the context (`x-request-id`, the rate-limit
     /// headers) and hands the request's record to its body.
-    pub fn answer(mut self, rsp: &mut Response<Body>, code: &'static str) {
+    pub fn answer(&mut self, rsp: &mut Response<Body>, code: &'static str) {
         // x-request-id and up to five rate-limit headers: one growth of the map, not several.
         rsp.headers_mut().reserve(6);
         rsp.headers_mut().insert(upstream::X_REQUEST_ID, self.request_id.clone());

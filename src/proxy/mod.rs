@@ -21,7 +21,7 @@ use std::sync::Arc;
 use http::{Request, Response};
 use hyper::body::Incoming;
 
-use crate::body::{Body, Outgoing};
+use crate::body::Body;
 use crate::error::Error;
 use crate::keys::api as keys_api;
 use crate::net::Peer;
@@ -128,7 +128,6 @@ impl Proxy {
     ) -> Result<Response<Body>, Error> {
         let caller =
             ctx.principal.as_deref().map(|p| upstream::Caller { key_id: &p.key_id, identity: &p.identity });
-        let req = req.map(Outgoing::Client);
         let (upstream_req, flag) =
             upstream::prepare(&snap.upstream, req, &ctx.peer, &ctx.request_id, caller)?;
         let sent = upstream::send(&snap.client, &snap.upstream, upstream_req, flag).await.map_err(

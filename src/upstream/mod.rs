@@ -84,7 +84,7 @@ impl Upstream {
 /// headers; the upstream's authority.
 pub fn prepare(
     up: &Upstream,
-    req: Request<Outgoing>,
+    req: Request<impl Into<Outgoing>>,
     peer: &Peer,
     request_id: &HeaderValue,
     caller: Option<Caller<'_>>,
@@ -134,7 +134,7 @@ pub fn prepare(
     parts.version = Version::HTTP_11;
 
     let flag = StopFlag::default();
-    let body = Guarded::new(body, up.idle, Some(up.max_body_bytes), Some(flag.clone()));
+    let body = Guarded::new(body.into(), up.idle, Some(up.max_body_bytes), Some(flag.clone()));
     Ok((Request::from_parts(parts, body), flag))
 }
 
