@@ -26,13 +26,7 @@ async fn read_events(rsp: hyper::Response<hyper::body::Incoming>, what: &str) ->
 
 async fn long_stream(client: TestClient, tg: &Tollgate, what: &str) {
     // 31 events one second apart: 30 s, three times the default header_read_timeout.
-    let req = tg
-        .post("/v1/chat/completions")
-        .header("x-mock", "sse")
-        .header("x-mock-events", "31")
-        .header("x-mock-interval-ms", "1000")
-        .body(Full::from(r#"{"stream":true}"#))
-        .unwrap();
+    let req = tg.sse(31, 1000);
     let rsp = tokio::time::timeout(Duration::from_secs(60), client.request(req)).await.unwrap().unwrap();
     assert_eq!(rsp.status(), 200, "{what}");
     assert_eq!(read_events(rsp, what).await, (31, true), "{what}");

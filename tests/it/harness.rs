@@ -148,6 +148,17 @@ impl Tollgate {
         post_json(&self.url(path)).header("authorization", format!("Bearer {}", self.key))
     }
 
+    /// A streamed chat completion from the test upstream: `events` SSE events `interval_ms`
+    /// apart, then `data: [DONE]`.
+    pub fn sse(&self, events: u32, interval_ms: u64) -> Request<Full<Bytes>> {
+        self.post("/v1/chat/completions")
+            .header("x-mock", "sse")
+            .header("x-mock-events", events.to_string())
+            .header("x-mock-interval-ms", interval_ms.to_string())
+            .body(Full::from(r#"{"stream":true}"#))
+            .expect("request")
+    }
+
     pub fn url(&self, path: &str) -> String {
         format!("http://{}{}", self.addr, path)
     }

@@ -118,13 +118,7 @@ async fn sigterm_mid_stream_lets_the_stream_finish_then_exits_zero() {
     let mut tg =
         Tollgate::builder(&up.url()).section("shutdown", "{ drain_delay: 1s, timeout: 20s }").start();
     let client = h1();
-    let req = tg
-        .post("/v1/chat/completions")
-        .header("x-mock", "sse")
-        .header("x-mock-events", "8")
-        .header("x-mock-interval-ms", "400")
-        .body(Full::from("{}"))
-        .unwrap();
+    let req = tg.sse(8, 400);
     let rsp = send(&client, req).await;
     assert_eq!(rsp.status(), 200);
     let reader = tokio::spawn(async move { rsp.into_body().collect().await.map(|b| b.to_bytes()) });

@@ -30,13 +30,7 @@ async fn event_times(rsp: hyper::Response<hyper::body::Incoming>, start: Instant
 async fn sse_arrives_event_by_event(client: TestClient) {
     let up = Upstream::start().await;
     let tg = Tollgate::builder(&up.url()).start();
-    let req = tg
-        .post("/v1/chat/completions")
-        .header("x-mock", "sse")
-        .header("x-mock-events", "5")
-        .header("x-mock-interval-ms", "300")
-        .body(Full::from(r#"{"stream":true}"#))
-        .unwrap();
+    let req = tg.sse(5, 300);
     let start = Instant::now();
     let rsp = send(&client, req).await;
     assert_eq!(rsp.status(), 200);
@@ -123,13 +117,7 @@ async fn clients_that_leave_before_headers_cancel_the_upstream_and_are_counted_a
 async fn leaving_mid_stream_cancels(client: TestClient) {
     let up = Upstream::start().await;
     let tg = Tollgate::builder(&up.url()).start();
-    let req = tg
-        .post("/v1/chat/completions")
-        .header("x-mock", "sse")
-        .header("x-mock-events", "1000")
-        .header("x-mock-interval-ms", "50")
-        .body(Full::from("{}"))
-        .unwrap();
+    let req = tg.sse(1000, 50);
     let rsp = send(&client, req).await;
     let mut body = rsp.into_body();
     let first = body.frame().await.unwrap().unwrap();
