@@ -70,6 +70,11 @@ pub async fn serve(
         None => None,
     };
     let store = store::open(&snapshot.config.store).await?;
+    let store: Arc<dyn store::KeyStore> = Arc::new(store::observed::Observed::new(
+        store,
+        metrics.store_up.clone(),
+        metrics.store_errors.clone(),
+    ));
     let auth =
         Arc::new(auth::Authenticator::new(store, &snapshot.config.auth).map_err(StartupError::System)?);
     let listeners = net::listener::Listeners::bind(snapshot.config.listen, snapshot.config.admin_listen)

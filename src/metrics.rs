@@ -22,6 +22,9 @@ pub struct Metrics {
     pub inflight: IntGauge,
     pub upstream_errors: IntCounterVec,
     pub config_reloads: IntCounterVec,
+    pub store_up: IntGauge,
+    pub store_errors: IntCounterVec,
+    pub key_change_lag: Histogram,
 }
 
 /// Latency buckets from 1 ms to 10 min: inference requests run from milliseconds (embeddings)
@@ -30,6 +33,10 @@ const REQUEST_BUCKETS: &[f64] = &[
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0,
     600.0,
 ];
+
+/// Key change lag buckets, 5 ms to 30 s: pushed changes land in milliseconds, polled ones
+/// within `revocation_poll`, and a catch-up after an outage later still.
+const LAG_BUCKETS: &[f64] = &[0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0];
 
 impl Metrics {
     pub fn new() -> Result<Metrics, prometheus::Error> {
@@ -102,9 +109,31 @@ impl Metrics {
                 "Config reload attempts, by result (`success`, `error`).",
                 &["result"],
             )?,
+            store_up: IntGauge::new(
+                "tollgate_store_up",
+                "1 if the latest call to the key store succeeded, 0 if it could not reach it.",
+            )?,
+            store_errors: counter_vec(
+                "tollgate_store_errors_total",
+                "Key store calls that failed to reach the store, by operation.",
+                &["op"],
+            )?,
+            key_change_lag: Histogram::with_opts(
+                HistogramOpts::new(
+                    "tollgate_key_change_lag_seconds",
+                    "From a key's change in the store (its writer's clock) to the change applied on this replica.",
+                )
+                .buckets(LAG_BUCKETS.to_vec()),
+            )?,
             registry,
         };
         m.registry.register(Box::new(m.inflight.clone()))?;
+        m.registry.register(Box::new(m.store_up.clone()))?;
+        m.registry.register(Box::new(m.key_change_lag.clone()))?;
+        // Pre-created, so that a rate over them is 0 rather than absent before the first error.
+        for op in ["get", "changes", "touch", "purge", "insert", "set_revoked", "list", "audit", "record"] {
+            m.store_errors.with_label_values(&[op]);
+        }
         let build = IntGaugeVec::new(
             Opts::new("tollgate_build_info", "Build information; the value is always 1."),
             &["version"],

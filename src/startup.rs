@@ -9,7 +9,8 @@ pub enum StartupError {
     /// The config, or what it names in the environment (`upstream.api_key_env`).
     #[error("{0}")]
     Config(#[from] ConfigError),
-    #[error("store.sqlite: {0}")]
+    /// Opening the key store (the message names it).
+    #[error("{0}")]
     Store(#[from] StoreError),
     /// The certificate or key files of `tls`.
     #[error("{0}")]

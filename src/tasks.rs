@@ -5,21 +5,33 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::auth::{flush_usage, Authenticator, CHANGE_OVERLAP_MS};
+use crate::auth::{flush_usage, Authenticator};
 use crate::clock;
 use crate::state::State;
+use crate::store::{Change, Pushed};
 
 /// Background work of the authenticator: applies changes made elsewhere (pushed by the store
 /// as they happen, if it can, and polled every `auth.revocation_poll` in any case), checks the
 /// store is still usable, writes last-used timestamps in batches, purges keys past the restore
-/// window.
+/// window. A pushed `Gap` (the feed's connection was lost and is back) polls at once.
 pub async fn maintain_keys(auth: Arc<Authenticator>, state: Arc<State>) {
     const FLUSH_EVERY: Duration = Duration::from_secs(10);
     const PURGE_EVERY: Duration = Duration::from_secs(3600);
-    let mut since = clock::now_ms() - CHANGE_OVERLAP_MS;
+    let lag = |c: &Change| {
+        let ms = (clock::now_ms() - c.at).max(0);
+        state.metrics.key_change_lag.observe(ms as f64 / 1000.0);
+    };
+    let mut pushed = auth.store().subscribe();
+    // From now: the cache is empty, nothing before can be stale in it.
+    let mut cursor = match auth.poll_changes(None, lag).await {
+        Ok(c) => Some(c),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot read the key store's change position");
+            None
+        }
+    };
     let mut last_flush = Instant::now();
     let mut last_purge: Option<Instant> = None;
-    let mut pushed = auth.store().subscribe();
     loop {
         let cfg = state.snapshot().config.auth.clone();
         let poll = tokio::time::sleep(cfg.revocation_poll);
@@ -33,9 +45,12 @@ pub async fn maintain_keys(auth: Arc<Authenticator>, state: Arc<State>) {
                         None => std::future::pending().await,
                     }
                 } => match change {
-                    Some(c) => {
-                        auth.apply(&c);
+                    Some(Pushed::Change(c)) => {
+                        if auth.apply(&c) {
+                            lag(&c);
+                        }
                     }
+                    Some(Pushed::Gap) => break,
                     // The feed ended: polling alone from here on.
                     None => pushed = None,
                 },
@@ -54,15 +69,15 @@ pub async fn maintain_keys(auth: Arc<Authenticator>, state: Arc<State>) {
                 }
             }
         }
-        match auth.poll_changes(since).await {
-            Ok(next) => since = next,
+        match auth.poll_changes(cursor, lag).await {
+            Ok(next) => cursor = Some(next),
             Err(e) => tracing::warn!(error = %e, "cannot poll the key store for revocations"),
         }
         // sqlx starts a SQLite worker thread per connection, on demand: found by name.
         crate::priority::lower_threads_named("sqlx-sqlite");
         if last_flush.elapsed() >= FLUSH_EVERY {
             last_flush = Instant::now();
-            flush_usage(&auth).await;
+            let _ = flush_usage(&auth).await;
             auth.forget_quiet_sources();
         }
         if last_purge.is_none_or(|t| t.elapsed() >= PURGE_EVERY) {

@@ -23,7 +23,7 @@ use crate::config;
 use crate::error::Error;
 use crate::keys::{self, KeyRecord, Verified};
 use crate::metrics::Metrics;
-use crate::store::{KeyStore, StoreError};
+use crate::store::{Change, Cursor, KeyStore, StoreError};
 
 mod bearer;
 mod failures;
@@ -58,11 +58,14 @@ fn millis(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
-/// A cache slot: the outcome and when it stops counting (milliseconds on the authenticator's
-/// own monotonic clock; 8 bytes rather than an `Instant`'s 16, per cached key).
+/// A cache slot: the outcome, when it stops being fresh (`cache_ttl`) and when it stops
+/// counting at all (`stale_if_unavailable` later, for a valid key: it is used past its
+/// freshness only while the store is unreachable). Milliseconds on the authenticator's own
+/// monotonic clock, 8 bytes each rather than an `Instant`'s 16, per cached key.
 #[derive(Clone)]
 struct Cached {
     entry: Entry,
+    fresh_ms: u64,
     expires_ms: u64,
 }
 
@@ -98,13 +101,22 @@ pub struct Authenticator {
     evicted: Mutex<HashMap<String, (u64, u64)>>,
     /// Evictions so far: a lookup notes the count when it starts.
     evictions: std::sync::atomic::AtomicU64,
+    /// The latest lookup could not reach the store: a stale valid entry is used without
+    /// trying again (each try would cost its request the store's timeout).
+    store_down: std::sync::atomic::AtomicBool,
+    /// Last-used timestamps whose write failed, retried with the next batch.
+    unwritten: Mutex<HashMap<String, i64>>,
 }
+
+/// At most this many unwritten last-used timestamps are kept for a store that stays down.
+const UNWRITTEN_MAX: usize = 1_000_000;
+
+/// How long an applied change is remembered, so that seeing it again (pushed, then polled;
+/// or polled again behind a long transaction) evicts nothing a second time.
+const APPLIED_MEMORY_MS: i64 = 60_000;
 
 /// How long an eviction is remembered: longer than any lookup and verification takes.
 const EVICTION_MEMORY_MS: u64 = 60_000;
-
-/// Changes are read with an overlap, so that a write racing the previous poll is not missed.
-pub const CHANGE_OVERLAP_MS: i64 = 2_000;
 
 impl Authenticator {
     pub fn new(store: Arc<dyn KeyStore>, cfg: &config::Auth) -> Result<Authenticator, String> {
@@ -134,6 +146,8 @@ impl Authenticator {
             applied: Mutex::new(HashMap::new()),
             evicted: Mutex::new(HashMap::new()),
             evictions: std::sync::atomic::AtomicU64::new(0),
+            store_down: std::sync::atomic::AtomicBool::new(false),
+            unwritten: Mutex::new(HashMap::new()),
         })
     }
 
@@ -161,9 +175,15 @@ impl Authenticator {
         // no second look — except at the prefix, which a reload may change.
         let clock_ms = self.clock_ms();
         let prefixed = token.strip_prefix(cfg.key_prefix.as_str()).is_some_and(|rest| rest.starts_with('_'));
-        let cached =
-            if prefixed { self.cache.get(&digest).filter(|c| c.expires_ms > clock_ms) } else { None };
-        let entry = match cached {
+        let slot = if prefixed { self.cache.get(&digest).filter(|c| c.expires_ms > clock_ms) } else { None };
+        let (fresh, stale) = match slot {
+            Some(c) if c.fresh_ms > clock_ms => (Some(c), None),
+            other => (None, other),
+        };
+        // Past `cache_ttl`, a verified key is checked against the store again; while the store
+        // is known to be unreachable, it is served as it was (§11).
+        let served = fresh.or_else(|| stale.clone().filter(|_| self.store_down.load(Ordering::Relaxed)));
+        let entry = match served {
             Some(c) => {
                 metrics.auth_cache_hits.inc();
                 c.entry
@@ -177,37 +197,58 @@ impl Authenticator {
                 })?;
                 metrics.auth_cache_misses.inc();
                 self.check_blocked(source, metrics).await?;
-                // An expired outcome must not be handed to the waiters below.
-                self.cache.remove_if(&digest, |c| c.expires_ms <= clock_ms);
-                let entry =
-                    match self.cache.get_value_or_guard_async(&digest).await {
-                        Ok(c) => c.entry,
-                        // First of the concurrent misses for this token: the others wait for this
-                        // outcome (or, if this fails, for one of them to try again).
-                        Err(guard) => {
-                            let _slot = self.verifying_slot(source).await;
-                            self.check_blocked(source, metrics).await?;
-                            let looked_up = self.evictions.load(Ordering::SeqCst);
-                            let entry =
-                            self.lookup_and_verify(parsed.id, parsed.secret(), metrics).await.map_err(|e| {
-                                tracing::error!(error = %e, "key store unreachable during authentication");
-                                Error::Unavailable("The key store is unreachable; try again shortly.")
-                            })?;
-                            let ttl = match entry {
+                // An outcome past its freshness must not be handed to the waiters below.
+                self.cache.remove_if(&digest, |c| c.fresh_ms <= clock_ms);
+                let entry = match self.cache.get_value_or_guard_async(&digest).await {
+                    Ok(c) => c.entry,
+                    // First of the concurrent misses for this token: the others wait for this
+                    // outcome (or, if this fails, for one of them to try again).
+                    Err(guard) => {
+                        let _slot = self.verifying_slot(source).await;
+                        self.check_blocked(source, metrics).await?;
+                        let looked_up = self.evictions.load(Ordering::SeqCst);
+                        let stale_valid = stale.filter(|c| matches!(c.entry, Entry::Valid(_)));
+                        match self.lookup_and_verify(parsed.id, parsed.secret(), metrics).await {
+                            Ok(entry) => {
+                                self.store_down.store(false, Ordering::Relaxed);
                                 // From the request's config generation: a reload applies.
-                                Entry::Valid(_) => cfg.cache_ttl,
-                                Entry::Invalid { .. } => cfg.negative_cache_ttl,
-                            };
-                            let expires_ms = self.clock_ms().saturating_add(millis(ttl));
-                            // A change applied while this lookup ran found nothing to evict (the
-                            // slot was a placeholder): this outcome may predate it, so it is not
-                            // cached; the next request reads the store again.
-                            if !self.evicted_since(parsed.id, looked_up) {
-                                let _ = guard.insert(Cached { entry: entry.clone(), expires_ms });
+                                let (ttl, stale_for) = match entry {
+                                    Entry::Valid(_) => (cfg.cache_ttl, cfg.stale_if_unavailable),
+                                    Entry::Invalid { .. } => (cfg.negative_cache_ttl, Duration::ZERO),
+                                };
+                                let fresh_ms = self.clock_ms().saturating_add(millis(ttl));
+                                let expires_ms = fresh_ms.saturating_add(millis(stale_for));
+                                // A change applied while this lookup ran found nothing to
+                                // evict (the slot was a placeholder): this outcome may predate
+                                // it, so it is not cached; the next request reads the store
+                                // again.
+                                if !self.evicted_since(parsed.id, looked_up) {
+                                    let _ =
+                                        guard.insert(Cached { entry: entry.clone(), fresh_ms, expires_ms });
+                                }
+                                entry
                             }
-                            entry
+                            Err(e) => {
+                                self.store_down.store(true, Ordering::Relaxed);
+                                match stale_valid {
+                                    // Kept for the waiters, still stale: once the store is
+                                    // back, the next request past this one verifies again.
+                                    Some(c) => {
+                                        tracing::warn!(error = %e, "key store unreachable; serving a key verified before");
+                                        let _ = guard.insert(c.clone());
+                                        c.entry
+                                    }
+                                    None => {
+                                        tracing::error!(error = %e, "key store unreachable during authentication");
+                                        return Err(Error::Unavailable(
+                                            "The key store is unreachable; try again shortly.",
+                                        ));
+                                    }
+                                }
+                            }
                         }
-                    };
+                    }
+                };
                 if let Entry::Invalid { reason: Reason::Unknown | Reason::Mismatch, .. } = entry {
                     self.count_failure(source).await;
                 }
@@ -286,7 +327,7 @@ impl Authenticator {
     /// Applies a change reported by the store (polled or pushed). A creation evicts nothing:
     /// no token of the key existed before, so all that could be cached is its own fresh,
     /// valid outcome (evicting it cost a second Argon2id verification of a key in use).
-    pub fn apply(&self, c: &crate::store::Change) -> bool {
+    pub fn apply(&self, c: &Change) -> bool {
         if c.created {
             return self.note_change(&c.id, c.at);
         }
@@ -304,16 +345,22 @@ impl Authenticator {
         true
     }
 
-    /// One poll of the store for changes made elsewhere since `since`; returns where the next
-    /// poll starts (with the overlap).
-    pub async fn poll_changes(&self, since: i64) -> Result<i64, StoreError> {
-        let now = clock::now_ms();
-        for c in self.store.changed_since(since).await? {
-            self.apply(&c);
+    /// One poll of the store for changes made elsewhere since `cursor` (`None`: from now);
+    /// `on_applied` is told of each change new here. Returns where the next poll starts.
+    pub async fn poll_changes(
+        &self,
+        cursor: Option<Cursor>,
+        mut on_applied: impl FnMut(&Change),
+    ) -> Result<Cursor, StoreError> {
+        let (changes, next) = self.store.changes(cursor).await?;
+        self.store_down.store(false, Ordering::Relaxed);
+        for c in &changes {
+            if self.apply(c) {
+                on_applied(c);
+            }
         }
-        let next = now - CHANGE_OVERLAP_MS;
-        // Older changes are not returned by any later poll: nothing to remember them for.
-        self.applied.lock().unwrap_or_else(|e| e.into_inner()).retain(|_, at| *at >= next);
+        let forget = clock::now_ms() - APPLIED_MEMORY_MS;
+        self.applied.lock().unwrap_or_else(|e| e.into_inner()).retain(|_, at| *at >= forget);
         let recent = self.clock_ms().saturating_sub(EVICTION_MEMORY_MS);
         self.evicted.lock().unwrap_or_else(|e| e.into_inner()).retain(|_, (_, at)| *at >= recent);
         Ok(next)
@@ -351,10 +398,32 @@ impl Authenticator {
     }
 }
 
-/// Writes pending last-used timestamps; on failure they are written with the next batch.
-pub async fn flush_usage(auth: &Authenticator) {
-    let used = auth.take_usage();
-    if let Err(e) = auth.store.touch(&used).await {
-        tracing::warn!(error = %e, keys = used.len(), "cannot write last-used timestamps");
+/// Writes pending last-used timestamps. A batch that fails is kept and written with the next
+/// one (the newest time per key), not dropped; returns whether this batch was written.
+pub async fn flush_usage(auth: &Authenticator) -> bool {
+    let mut batch: HashMap<String, i64> =
+        std::mem::take(&mut *auth.unwritten.lock().unwrap_or_else(|e| e.into_inner()));
+    for (id, at) in auth.take_usage() {
+        let slot = batch.entry(id).or_insert(at);
+        *slot = (*slot).max(at);
+    }
+    if batch.is_empty() {
+        return true;
+    }
+    let used: Vec<(String, i64)> = batch.into_iter().collect();
+    match auth.store.touch(&used).await {
+        Ok(()) => true,
+        Err(e) => {
+            tracing::warn!(error = %e, keys = used.len(), "cannot write last-used timestamps; retrying with the next batch");
+            let mut unwritten = auth.unwritten.lock().unwrap_or_else(|e| e.into_inner());
+            for (id, at) in used {
+                if unwritten.len() >= UNWRITTEN_MAX {
+                    break;
+                }
+                let slot = unwritten.entry(id).or_insert(at);
+                *slot = (*slot).max(at);
+            }
+            false
+        }
     }
 }

@@ -119,16 +119,16 @@ async fn each_change_evicts_a_cached_key_once() {
     let metrics = Metrics::new().unwrap();
     let ip: IpAddr = "127.0.0.1".parse().unwrap();
     let h = headers(&[format!("Bearer {}", key.expose()).as_bytes()]);
-    let mut since = clock::now_ms() - CHANGE_OVERLAP_MS;
+    let mut since = Some(auth.poll_changes(None, |_| {}).await.unwrap());
     for _ in 0..4 {
         auth.authenticate(&config.auth, &h, ip, &metrics).await.unwrap();
-        since = auth.poll_changes(since).await.unwrap();
+        since = Some(auth.poll_changes(since, |_| {}).await.unwrap());
     }
     assert_eq!(verifications(&metrics), 1, "its creation evicted nothing, and no poll did");
 
     // Revoked elsewhere (the CLI): the next poll applies it, and the key is refused.
     crate::keys::lifecycle::revoke(store.as_ref(), &id, &crate::keys::lifecycle::Actor::Cli).await.unwrap();
-    since = auth.poll_changes(since).await.unwrap();
+    since = Some(auth.poll_changes(since, |_| {}).await.unwrap());
     assert!(auth.authenticate(&config.auth, &h, ip, &metrics).await.is_err(), "revocation missed");
     // A restore stamped earlier than the revocation is still a new change.
     let e = crate::keys::AuditEvent {
@@ -141,7 +141,7 @@ async fn each_change_evicts_a_cached_key_once() {
     };
     store.set_revoked(&id, None, &e).await.unwrap();
     for _ in 0..3 {
-        since = auth.poll_changes(since).await.unwrap();
+        since = Some(auth.poll_changes(since, |_| {}).await.unwrap());
         auth.authenticate(&config.auth, &h, ip, &metrics).await.unwrap();
     }
     assert_eq!(verifications(&metrics), 3, "revoke and restore: one verification each");

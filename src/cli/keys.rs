@@ -74,7 +74,7 @@ pub(super) fn run(path: Option<PathBuf>, command: KeysCommand) -> Result<ExitCod
 }
 
 async fn run_keys(config: Config, command: KeysCommand) -> Result<ExitCode, String> {
-    let store = crate::store::open(&config.store).await.map_err(|e| format!("store.sqlite: {e}"))?;
+    let store = crate::store::open(&config.store).await.map_err(|e| e.to_string())?;
     let store = store.as_ref();
     let err = |e: lifecycle::ManageError| e.to_string();
     let print_key = |record: &KeyRecord, token: &Token, json: bool| {

@@ -129,9 +129,36 @@ pub struct Log {
     pub level: String,
 }
 
+/// Where keys and their audit trail live (§11): one SQLite file (the embedded, single-replica
+/// default) or a PostgreSQL database shared by every replica.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Store {
-    pub sqlite: PathBuf,
+pub enum Store {
+    Sqlite(PathBuf),
+    Postgres(Postgres),
+}
+
+/// `store.postgres`. The URL (with its password) is never in the file: only the name of the
+/// environment variable that holds it, read when the store is opened.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Postgres {
+    pub url_env: String,
+    pub pool_size: u32,
+    /// Bounds every wait for a connection, and so the answer to a request whose key is not
+    /// cached while the database is unreachable.
+    pub connect_timeout: Duration,
+    /// Set on the server (`statement_timeout`) and, with `connect_timeout`, as an outer bound
+    /// on every store call here.
+    pub statement_timeout: Duration,
+}
+
+impl Store {
+    /// The configuration key that names this store, for messages.
+    pub fn describe(&self) -> String {
+        match self {
+            Store::Sqlite(path) => format!("store.sqlite ({})", path.display()),
+            Store::Postgres(p) => format!("store.postgres (URL from ${})", p.url_env),
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -146,6 +173,8 @@ pub struct Auth {
     pub revocation_poll: Duration,
     /// How long a revoked key can be restored before it is purged.
     pub revocation_retention: Duration,
+    /// How long past `cache_ttl` a verified key stays usable while the store is unreachable.
+    pub stale_if_unavailable: Duration,
     pub argon2: crate::keys::HashParams,
     /// Failed authentications allowed per source address: a steady rate and a burst.
     pub failed_auth_per_second: u32,

@@ -70,6 +70,16 @@ pub(super) struct RawLog {
 #[serde(default)]
 pub(super) struct RawStore {
     pub(super) sqlite: Option<String>,
+    pub(super) postgres: Option<RawPostgres>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+pub(super) struct RawPostgres {
+    pub(super) url_env: Option<String>,
+    pub(super) pool_size: Option<serde_yaml_ng::Value>,
+    pub(super) connect_timeout: Option<serde_yaml_ng::Value>,
+    pub(super) statement_timeout: Option<serde_yaml_ng::Value>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -82,6 +92,7 @@ pub(super) struct RawAuth {
     pub(super) negative_cache_ttl: Option<serde_yaml_ng::Value>,
     pub(super) revocation_poll: Option<serde_yaml_ng::Value>,
     pub(super) revocation_retention: Option<serde_yaml_ng::Value>,
+    pub(super) stale_if_unavailable: Option<serde_yaml_ng::Value>,
     pub(super) argon2: RawArgon2,
     pub(super) failed_auth: RawFailedAuth,
 }

@@ -22,7 +22,7 @@ fn defaults_are_valid_and_match_the_contract() {
     assert_eq!(c.limits.max_header_bytes, 16 * 1024);
     assert_eq!(c.limits.max_body_bytes, 10 * 1024 * 1024);
     assert_eq!(c.shutdown.drain_delay, Duration::from_secs(5));
-    assert_eq!(c.store.sqlite, PathBuf::from("./tollgate.db"));
+    assert_eq!(c.store, Store::Sqlite(PathBuf::from("./tollgate.db")));
     assert_eq!(c.auth.key_prefix, "tg");
     assert_eq!(c.auth.cache_capacity, 100_000);
     assert_eq!(c.routes, RouteSpec::OpenAi);
@@ -143,4 +143,49 @@ fn durations_past_a_century_are_refused() {
     }
     let e = Config::from_yaml("limits: { stream_idle_timeout: 18446744073709551615s }", "t").unwrap_err();
     assert!(e.to_string().contains("limits.stream_idle_timeout"), "{e}");
+}
+
+#[test]
+fn store_postgres_takes_the_url_from_the_environment_only() {
+    let c = Config::from_yaml(
+        "store:\n  postgres: { url_env: TG_PG, pool_size: 3, connect_timeout: 500ms, statement_timeout: 4s }\n",
+        "t",
+    )
+    .unwrap();
+    assert_eq!(
+        c.store,
+        Store::Postgres(Postgres {
+            url_env: "TG_PG".into(),
+            pool_size: 3,
+            connect_timeout: Duration::from_millis(500),
+            statement_timeout: Duration::from_secs(4),
+        })
+    );
+    let c = Config::from_yaml("store:\n  postgres: { url_env: TG_PG }\n", "t").unwrap();
+    let Store::Postgres(p) = c.store else { panic!("expected postgres") };
+    assert_eq!(
+        (p.pool_size, p.connect_timeout, p.statement_timeout),
+        (8, Duration::from_secs(2), Duration::from_secs(2))
+    );
+    assert_eq!(c.auth.stale_if_unavailable, Duration::from_secs(3600));
+
+    // Each mistake named by its path: a URL where the variable's name goes (and never echoed
+    // back whole), a missing name, both stores, a URL field, zero sizes and timeouts.
+    let e = Config::from_yaml(
+        "store:\n  sqlite: ./x.db\n  postgres: { url_env: \"postgres://u:secret@h/db\", pool_size: 0, connect_timeout: 0s }\n",
+        "t",
+    )
+    .unwrap_err();
+    let paths: Vec<&str> = e.problems.iter().map(|p| p.path.as_str()).collect();
+    assert_eq!(
+        paths,
+        ["store", "store.postgres.url_env", "store.postgres.pool_size", "store.postgres.connect_timeout"],
+        "{e}"
+    );
+    assert!(!e.to_string().contains("secret"), "the password is echoed: {e}");
+    let e =
+        Config::from_yaml("store:\n  postgres: { url: \"postgres://u:secret@h/db\" }\n", "t").unwrap_err();
+    let paths: Vec<&str> = e.problems.iter().map(|p| p.path.as_str()).collect();
+    assert_eq!(paths, ["store.postgres.url", "store.postgres.url_env"], "{e}");
+    assert!(!e.to_string().contains("secret"), "{e}");
 }

@@ -147,11 +147,7 @@ impl Validator {
             timeout: self.duration("shutdown.timeout", raw.shutdown.timeout, Duration::from_secs(60)),
         };
         let log = self.log(raw.log);
-        let store = Store {
-            sqlite: PathBuf::from(
-                self.nonempty("store.sqlite", raw.store.sqlite).unwrap_or_else(|| "./tollgate.db".into()),
-            ),
-        };
+        let store = self.store(raw.store);
         let auth = self.auth(raw.auth);
         let rate_limits = self.rate_limits(raw.rate_limits);
         let tiers = self.tiers(raw.tiers);
@@ -180,6 +176,46 @@ impl Validator {
             default_scope,
             trusted_proxies: crate::net::client_addr::TrustedProxies(trusted),
         }
+    }
+
+    fn store(&mut self, raw: RawStore) -> Store {
+        let sqlite = self.nonempty("store.sqlite", raw.sqlite);
+        let Some(pg) = raw.postgres else {
+            return Store::Sqlite(PathBuf::from(sqlite.unwrap_or_else(|| "./tollgate.db".into())));
+        };
+        if sqlite.is_some() {
+            self.problem("store", "set either `sqlite` or `postgres`, not both");
+        }
+        let url_env = self.nonempty("store.postgres.url_env", pg.url_env).unwrap_or_else(|| {
+            self.problem(
+                "store.postgres.url_env",
+                "required: the name of the environment variable holding the postgres:// URL (the URL itself never goes in the file)",
+            );
+            String::new()
+        });
+        if !url_env.is_empty() && !url_env.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') {
+            self.problem(
+                "store.postgres.url_env",
+                "must be the name of an environment variable (letters, digits, `_`), not a URL",
+            );
+        }
+        let pool_size = self.bounded("store.postgres.pool_size", pg.pool_size, 8, 1000).max(1);
+        Store::Postgres(Postgres {
+            url_env,
+            pool_size: u32::try_from(pool_size).unwrap_or(8),
+            connect_timeout: self.positive("store.postgres.connect_timeout", pg.connect_timeout, 2),
+            statement_timeout: self.positive("store.postgres.statement_timeout", pg.statement_timeout, 2),
+        })
+    }
+
+    /// A duration that must be more than 0 (default in seconds).
+    fn positive(&mut self, path: &str, v: Option<serde_yaml_ng::Value>, default_secs: u64) -> Duration {
+        let d = self.duration(path, v, Duration::from_secs(default_secs));
+        if d.is_zero() {
+            self.problem(path, "must be more than 0");
+            return Duration::from_secs(default_secs);
+        }
+        d
     }
 
     fn upstream(&mut self, raw: RawUpstream) -> Upstream {
@@ -314,6 +350,11 @@ impl Validator {
                 "auth.revocation_retention",
                 raw.revocation_retention,
                 Duration::from_secs(90 * 86_400),
+            ),
+            stale_if_unavailable: self.duration(
+                "auth.stale_if_unavailable",
+                raw.stale_if_unavailable,
+                Duration::from_secs(3600),
             ),
             argon2,
             failed_auth_per_second: per_second.map_or(1, |x| u32::try_from(x).unwrap_or(1)),

@@ -1,10 +1,16 @@
 //! Key stores. The traits are split by caller: `KeyLookup` for the request path, `KeyAdmin`
 //! for the CLI and the HTTP API, `KeyUpkeep` for the background loop (changes made elsewhere,
 //! last-used batches, purge, health). A store implements all three and is used as a
-//! `KeyStore`. Backends: `sqlite` (the embedded default); its schema migrations are versioned
-//! `.sql` files under `migrations/`.
+//! `KeyStore`. Backends: `sqlite` (the embedded default) and `postgres` (shared by every
+//! replica, §11); their schema migrations are versioned `.sql` files under `migrations/`.
+//! `observed` wraps either with the store metrics.
 
+pub mod observed;
+pub mod postgres;
+mod rows;
 pub mod sqlite;
+#[cfg(test)]
+mod tests;
 
 use std::sync::Arc;
 
@@ -27,6 +33,20 @@ pub struct Change {
     pub at: i64,
     /// The change is the key's creation: nothing cached can be stale (no token of it existed).
     pub created: bool,
+}
+
+/// A position in the store's history of changes, from which the next poll reads on. What it
+/// counts is the backend's business (SQLite: a time in milliseconds; PostgreSQL: a
+/// transaction id).
+pub type Cursor = i64;
+
+/// What a backend pushes (`KeyUpkeep::subscribe`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Pushed {
+    Change(Change),
+    /// The feed lost its connection and is back: changes may have been missed meanwhile, so
+    /// poll now rather than at the next `revocation_poll`.
+    Gap,
 }
 
 /// The request path: a key by id, to verify a presented token against.
@@ -66,11 +86,14 @@ pub trait KeyUpkeep: Send + Sync {
     /// Changes pushed by the backend as they happen (PostgreSQL's LISTEN/NOTIFY, say), if it
     /// can; `None`: changes are only polled with `changed_since`. Polling stays the safety net
     /// either way.
-    fn subscribe(&self) -> Option<tokio::sync::mpsc::Receiver<Change>> {
+    fn subscribe(&self) -> Option<tokio::sync::mpsc::Receiver<Pushed>> {
         None
     }
-    /// Keys whose record changed at or after `since_ms`, with the stamp of their latest change.
-    async fn changed_since(&self, since_ms: i64) -> Result<Vec<Change>, StoreError>;
+    /// Keys changed since `after` (each with the stamp of its latest change, possibly one
+    /// reported before), and the cursor of the next poll. `None`: from now on (nothing
+    /// changed yet for a cache that is empty). A change committed after this call returns is
+    /// never behind the cursor, however long its transaction ran.
+    async fn changes(&self, after: Option<Cursor>) -> Result<(Vec<Change>, Cursor), StoreError>;
     /// Writes a batch of last-used timestamps.
     async fn touch(&self, used: &[(String, i64)]) -> Result<(), StoreError>;
     /// Deletes keys revoked before `before_ms`, with one `purge` audit event each, and returns
@@ -84,7 +107,15 @@ pub trait KeyStore: KeyLookup + KeyAdmin + KeyUpkeep {}
 
 impl<T: KeyLookup + KeyAdmin + KeyUpkeep> KeyStore for T {}
 
-/// Opens the configured store and applies its schema migrations.
+/// Opens the configured store and applies its schema migrations. Errors name the store
+/// (never its URL).
 pub async fn open(config: &Store) -> Result<Arc<dyn KeyStore>, StoreError> {
-    Ok(Arc::new(sqlite::SqliteStore::open(&config.sqlite).await?))
+    let opened: Result<Arc<dyn KeyStore>, StoreError> = match config {
+        Store::Sqlite(path) => sqlite::SqliteStore::open(path).await.map(|s| Arc::new(s) as _),
+        Store::Postgres(pg) => postgres::PostgresStore::open(pg).await.map(|s| Arc::new(s) as _),
+    };
+    opened.map_err(|e| match e {
+        StoreError::Unavailable(m) => StoreError::Unavailable(format!("{}: {m}", config.describe())),
+        other => other,
+    })
 }

@@ -5,8 +5,10 @@
 //! the server would go on reading the unlinked file while the CLI writes the new one, so the
 //! store refuses every further use and reports itself unavailable (readiness 503) until
 //! tollgate is restarted. It does not reopen the new file itself: the old file's `-wal` and
-//! `-shm` companions, which SQLite finds by name, would be applied to the new one. The SQL is kept portable (no SQLite-only syntax in the
-//! queries) so that a PostgreSQL store can share it.
+//! `-shm` companions, which SQLite finds by name, would be applied to the new one.
+//!
+//! Changes made elsewhere (the CLI) are polled by `updated_at`, with an overlap: the stamps
+//! come from the writers' clocks and a write may commit just after a poll read past its stamp.
 
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
@@ -15,11 +17,12 @@ use std::sync::OnceLock;
 use std::time::Duration;
 
 use sqlx::sqlite::{
-    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow, SqliteSynchronous,
+    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
 };
 use sqlx::Row;
 
-use super::{Change, KeyAdmin, KeyLookup, KeyUpkeep, StoreError};
+use super::rows::{event, record};
+use super::{Change, Cursor, KeyAdmin, KeyLookup, KeyUpkeep, StoreError};
 use crate::keys::record::{AuditEvent, KeyRecord};
 
 /// Each file moves the schema one version forward; applied in order, once, in a transaction.
@@ -102,35 +105,8 @@ impl SqliteStore {
     }
 }
 
-fn record(row: &SqliteRow) -> Result<KeyRecord, sqlx::Error> {
-    let scopes: String = row.try_get("scopes")?;
-    Ok(KeyRecord {
-        id: row.try_get("id")?,
-        name: row.try_get("name")?,
-        org: row.try_get("org")?,
-        workspace: row.try_get("workspace")?,
-        tier: row.try_get("tier")?,
-        scopes: scopes.split_whitespace().map(str::to_string).collect(),
-        secret_hash: row.try_get("secret_hash")?,
-        created_at: row.try_get("created_at")?,
-        expires_at: row.try_get("expires_at")?,
-        last_used_at: row.try_get("last_used_at")?,
-        revoked_at: row.try_get("revoked_at")?,
-        revoked_by: row.try_get("revoked_by")?,
-        rotated_from: row.try_get("rotated_from")?,
-    })
-}
-
-fn event(row: &SqliteRow) -> Result<AuditEvent, sqlx::Error> {
-    Ok(AuditEvent {
-        key_id: row.try_get("key_id")?,
-        org: row.try_get("org")?,
-        action: row.try_get("action")?,
-        actor: row.try_get("actor")?,
-        at: row.try_get("at")?,
-        detail: row.try_get("detail")?,
-    })
-}
+/// How far back each poll reads (the cursor is a time, `updated_at` in milliseconds).
+const CHANGE_OVERLAP_MS: i64 = 2_000;
 
 const INSERT_AUDIT: &str =
     "INSERT INTO audit (key_id, org, action, actor, at, detail) VALUES (?, ?, ?, ?, ?, ?)";
@@ -272,20 +248,26 @@ impl KeyUpkeep for SqliteStore {
         self.pool().map(|_| ())
     }
 
-    async fn changed_since(&self, since_ms: i64) -> Result<Vec<Change>, StoreError> {
+    async fn changes(&self, after: Option<Cursor>) -> Result<(Vec<Change>, Cursor), StoreError> {
+        let next = crate::clock::now_ms() - CHANGE_OVERLAP_MS;
+        let Some(since_ms) = after else {
+            return Ok((Vec::new(), next));
+        };
         let rows = sqlx::query("SELECT id, updated_at, created_at FROM keys WHERE updated_at >= ?")
             .bind(since_ms)
             .fetch_all(self.pool()?)
             .await
             .map_err(unavailable)?;
-        rows.iter()
+        let changes = rows
+            .iter()
             .map(|r| {
                 let at: i64 = r.try_get("updated_at")?;
                 let created: i64 = r.try_get("created_at")?;
                 Ok(Change { id: r.try_get("id")?, at, created: at == created })
             })
             .collect::<Result<_, sqlx::Error>>()
-            .map_err(unavailable)
+            .map_err(unavailable)?;
+        Ok((changes, next))
     }
 
     async fn touch(&self, used: &[(String, i64)]) -> Result<(), StoreError> {
@@ -345,112 +327,5 @@ impl KeyUpkeep for SqliteStore {
         }
         tx.commit().await.map_err(unavailable)?;
         Ok(ids)
-    }
-}
-
-#[cfg(test)]
-#[allow(clippy::unwrap_used)]
-mod tests {
-    use super::*;
-
-    fn rec(id: &str, org: &str) -> KeyRecord {
-        KeyRecord {
-            id: id.into(),
-            name: "n".into(),
-            org: org.into(),
-            workspace: "default".into(),
-            tier: "audit".into(),
-            scopes: vec!["inference:read".into(), "inference:write".into()],
-            secret_hash: "$argon2id$x".into(),
-            created_at: 1000,
-            expires_at: None,
-            last_used_at: None,
-            revoked_at: None,
-            revoked_by: None,
-            rotated_from: None,
-        }
-    }
-
-    fn ev(id: &str, action: &str, at: i64) -> AuditEvent {
-        AuditEvent {
-            key_id: id.into(),
-            org: "acme".into(),
-            action: action.into(),
-            actor: "cli".into(),
-            at,
-            detail: None,
-        }
-    }
-
-    #[tokio::test]
-    async fn round_trip_revoke_restore_purge_and_audit() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("t.db");
-        let s = SqliteStore::open(&path).await.unwrap();
-        s.insert(&rec("a", "acme"), &ev("a", "create", 1000)).await.unwrap();
-        s.insert(&rec("b", "other"), &ev("b", "create", 1000)).await.unwrap();
-        assert!(matches!(
-            s.insert(&rec("a", "acme"), &ev("a", "create", 1)).await,
-            Err(StoreError::Conflict(_))
-        ));
-        assert_eq!(s.get("a").await.unwrap().unwrap(), rec("a", "acme"));
-        assert_eq!(s.list(Some("acme")).await.unwrap().len(), 1);
-        assert_eq!(s.list(None).await.unwrap().len(), 2);
-
-        assert!(s.set_revoked("a", Some((2000, "cli")), &ev("a", "revoke", 2000)).await.unwrap());
-        assert!(!s.set_revoked("zz", Some((2000, "cli")), &ev("zz", "revoke", 2000)).await.unwrap());
-        assert_eq!(
-            s.changed_since(2000).await.unwrap(),
-            [Change { id: "a".into(), at: 2000, created: false }]
-        );
-        assert!(s.changed_since(2001).await.unwrap().is_empty());
-        let a = s.get("a").await.unwrap().unwrap();
-        assert_eq!((a.revoked_at, a.revoked_by.as_deref()), (Some(2000), Some("cli")));
-
-        s.touch(&[("b".into(), 5000)]).await.unwrap();
-        s.touch(&[("b".into(), 4000)]).await.unwrap();
-        assert_eq!(s.get("b").await.unwrap().unwrap().last_used_at, Some(5000));
-
-        assert!(s.purge(2000, 9000).await.unwrap().is_empty(), "revoked at 2000 is not before 2000");
-        assert_eq!(s.purge(2001, 9000).await.unwrap(), ["a"]);
-        assert!(s.get("a").await.unwrap().is_none());
-        let actions: Vec<String> = s.audit("a").await.unwrap().into_iter().map(|e| e.action).collect();
-        assert_eq!(actions, ["create", "revoke", "purge"]);
-
-        // Reopening applies no migration twice.
-        drop(s);
-        let s = SqliteStore::open(&path).await.unwrap();
-        assert!(s.get("b").await.unwrap().is_some());
-    }
-
-    /// Two replicas purging the same store at once: each key is deleted and audited once.
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn concurrent_purges_audit_each_key_once() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("t.db");
-        let one = std::sync::Arc::new(SqliteStore::open(&path).await.unwrap());
-        let two = std::sync::Arc::new(SqliteStore::open(&path).await.unwrap());
-        let ids: Vec<String> = (0..20).map(|i| format!("k{i:02}")).collect();
-        for id in &ids {
-            one.insert(&rec(id, "acme"), &ev(id, "create", 1000)).await.unwrap();
-            one.set_revoked(id, Some((2000, "cli")), &ev(id, "revoke", 2000)).await.unwrap();
-        }
-        let (a, b) = tokio::join!(
-            tokio::spawn({
-                let one = one.clone();
-                async move { one.purge(3000, 9000).await.unwrap() }
-            }),
-            tokio::spawn({
-                let two = two.clone();
-                async move { two.purge(3000, 9000).await.unwrap() }
-            }),
-        );
-        let (a, b) = (a.unwrap(), b.unwrap());
-        assert_eq!(a.len() + b.len(), ids.len(), "every key purged by exactly one: {a:?} {b:?}");
-        assert!(two.purge(3000, 9000).await.unwrap().is_empty(), "a purge with nothing left writes nothing");
-        for id in &ids {
-            let purges = one.audit(id).await.unwrap().into_iter().filter(|e| e.action == "purge").count();
-            assert_eq!(purges, 1, "{id}");
-        }
     }
 }
