@@ -36,7 +36,13 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
 {{- $_ := set $c "upstream" $up -}}
 {{- $_ := set $c "listen" "0.0.0.0:8080" -}}
 {{- $_ := set $c "admin_listen" "0.0.0.0:9090" -}}
+{{- $pg := .Values.tollgate.store.postgres -}}
+{{- if $pg.enabled -}}
+{{- /* The URL holds a password: only its variable's name is in the config (see tollgate.container). */ -}}
+{{- $_ := set $c "store" (dict "postgres" (dict "url_env" "TOLLGATE_POSTGRES_URL" "pool_size" $pg.poolSize "connect_timeout" $pg.connectTimeout "statement_timeout" $pg.statementTimeout)) -}}
+{{- else -}}
 {{- $_ := set $c "store" (dict "sqlite" "/var/lib/tollgate/tollgate.db") -}}
+{{- end -}}
 {{- $sd := .Values.tollgate.shutdown -}}
 {{- $_ := set $c "shutdown" (dict "drain_delay" (printf "%vs" $sd.drainDelaySeconds) "timeout" (printf "%vs" $sd.timeoutSeconds)) -}}
 {{- if .Values.tollgate.tls.enabled -}}
@@ -45,10 +51,37 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
 {{- toYaml $c -}}
 {{- end -}}
 
+{{/* Values the schema cannot explain well: fail the render with what to set. */}}
+{{- define "tollgate.validate" -}}
+{{- $pg := .Values.tollgate.store.postgres -}}
+{{- if not $pg.enabled -}}
+{{- if .Values.autoscaling.enabled -}}
+{{- fail "autoscaling.enabled runs more than one replica, but the SQLite key store is a file of one pod: replicas would not share keys. Configure tollgate.store.postgres (enabled: true, existingSecret: the Secret holding the PostgreSQL URL) to run many replicas." -}}
+{{- end -}}
+{{- if gt (int .Values.replicaCount) 1 -}}
+{{- fail (printf "replicaCount is %v, but the SQLite key store is a file of one pod: replicas would not share keys. Configure tollgate.store.postgres (enabled: true, existingSecret: the Secret holding the PostgreSQL URL) to run many replicas, or set replicaCount: 1." .Values.replicaCount) -}}
+{{- end -}}
+{{- else if not $pg.existingSecret -}}
+{{- fail (printf "tollgate.store.postgres.enabled needs tollgate.store.postgres.existingSecret: the name of a Secret holding the PostgreSQL URL (postgres://user:password@host:5432/db) under the key %q (tollgate.store.postgres.key). The URL is never put in the ConfigMap." $pg.key) -}}
+{{- end -}}
+{{- end -}}
+
 {{/* Long enough for preStop, the drain delay, in-flight requests, and a margin. */}}
 {{- define "tollgate.gracePeriod" -}}
 {{- $sd := .Values.tollgate.shutdown -}}
 {{- add $sd.preStopSeconds $sd.drainDelaySeconds $sd.timeoutSeconds 10 -}}
+{{- end -}}
+
+{{/* The PostgreSQL URL, from its Secret, in the variable the config names (store.postgres.url_env). */}}
+{{- define "tollgate.postgresEnv" -}}
+{{- $pg := .Values.tollgate.store.postgres -}}
+{{- if $pg.enabled -}}
+- name: TOLLGATE_POSTGRES_URL
+  valueFrom:
+    secretKeyRef:
+      name: {{ $pg.existingSecret }}
+      key: {{ $pg.key }}
+{{- end -}}
 {{- end -}}
 
 {{- define "tollgate.container" -}}
@@ -66,6 +99,7 @@ env:
         name: {{ .Values.tollgate.upstreamApiKey.existingSecret }}
         key: {{ .Values.tollgate.upstreamApiKey.key }}
   {{- end }}
+  {{- include "tollgate.postgresEnv" . | nindent 2 }}
   {{- with .Values.tollgate.env }}
   {{- toYaml . | nindent 2 }}
   {{- end }}
@@ -102,8 +136,10 @@ volumeMounts:
   - name: config
     mountPath: /etc/tollgate/conf
     readOnly: true
+  {{- if not .Values.tollgate.store.postgres.enabled }}
   - name: store
     mountPath: /var/lib/tollgate
+  {{- end }}
   {{- if .Values.tollgate.tls.enabled }}
   - name: tls
     mountPath: /etc/tollgate/tls
