@@ -42,11 +42,6 @@ FLEET = {
 }
 FLEET_HPA = {**FLEET, "autoscaling": {"enabled": True}, "podDisruptionBudget": {"enabled": True}}
 
-# `tollgate check` does not know `store.postgres` (nor `auth.stale_if_unavailable`) until the Rust
-# side of fleet mode lands. Strict: once it does, these XPASS and fail, and the marks must go.
-NEEDS_POSTGRES_CONFIG = pytest.mark.xfail(
-    strict=True, raises=AssertionError, reason="tollgate's config has no store.postgres yet (fleet mode, Rust side)"
-)
 ALL_VALUES = [None, VARIANT, FLEET, FLEET_HPA]
 ALL_IDS = ["defaults", "native-sidecar-tls-monitors", "fleet-postgres", "fleet-postgres-hpa"]
 
@@ -155,7 +150,7 @@ def test_native_sidecar_and_variant_objects():
 
 @pytest.mark.parametrize(
     "values",
-    [None, VARIANT, pytest.param(FLEET, marks=NEEDS_POSTGRES_CONFIG)],
+    [None, VARIANT, FLEET],
     ids=["defaults", "native-sidecar-tls-monitors", "fleet-postgres"],
 )
 def test_rendered_config_passes_tollgate_check(values):
@@ -309,7 +304,7 @@ def test_plain_manifests_build_and_validate(overlay):
     [
         "deploy/kubernetes",
         "deploy/kubernetes/add-to-existing",
-        pytest.param("deploy/kubernetes/fleet-postgres", marks=NEEDS_POSTGRES_CONFIG),
+        "deploy/kubernetes/fleet-postgres",
     ],
 )
 def test_plain_manifest_config_passes_tollgate_check(overlay):
