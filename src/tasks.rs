@@ -32,9 +32,13 @@ pub async fn maintain_keys(auth: Arc<Authenticator>, state: Arc<State>) {
     };
     let mut last_flush = Instant::now();
     let mut last_purge: Option<Instant> = None;
+    // After a failed poll, the next one comes soon: it may be the catch-up after a gap in the
+    // feed, and `revocation_poll` may be long when changes are pushed.
+    let mut retry_soon = false;
     loop {
         let cfg = state.snapshot().config.auth.clone();
-        let poll = tokio::time::sleep(cfg.revocation_poll);
+        let wait = if retry_soon { cfg.revocation_poll.min(RETRY_POLL) } else { cfg.revocation_poll };
+        let poll = tokio::time::sleep(wait);
         tokio::pin!(poll);
         loop {
             tokio::select! {
@@ -70,8 +74,14 @@ pub async fn maintain_keys(auth: Arc<Authenticator>, state: Arc<State>) {
             }
         }
         match auth.poll_changes(cursor, lag).await {
-            Ok(next) => cursor = Some(next),
-            Err(e) => tracing::warn!(error = %e, "cannot poll the key store for revocations"),
+            Ok(next) => {
+                cursor = Some(next);
+                retry_soon = false;
+            }
+            Err(e) => {
+                retry_soon = true;
+                tracing::warn!(error = %e, "cannot poll the key store for revocations");
+            }
         }
         // sqlx starts a SQLite worker thread per connection, on demand: found by name.
         crate::priority::lower_threads_named("sqlx-sqlite");
@@ -94,6 +104,9 @@ pub async fn maintain_keys(auth: Arc<Authenticator>, state: Arc<State>) {
         }
     }
 }
+
+/// How soon a failed poll is tried again.
+const RETRY_POLL: Duration = Duration::from_millis(250);
 
 /// Background work: forgets idle limiter state every 30 s (bounded memory with many
 /// organisations; governor's keyed stores never shrink unless told to).

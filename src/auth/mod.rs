@@ -111,9 +111,12 @@ pub struct Authenticator {
 /// At most this many unwritten last-used timestamps are kept for a store that stays down.
 const UNWRITTEN_MAX: usize = 1_000_000;
 
-/// How long an applied change is remembered, so that seeing it again (pushed, then polled;
-/// or polled again behind a long transaction) evicts nothing a second time.
-const APPLIED_MEMORY_MS: i64 = 60_000;
+/// How long an applied change is remembered, so that seeing it again evicts nothing a second
+/// time: pushed, then polled; polled again in SQLite's overlap; or polled again while a
+/// PostgreSQL poll's cursor is held back by a long transaction anywhere in the cluster. An
+/// hour, so that a forgotten change costs a key in use one extra verification an hour at
+/// most; a few tens of bytes per change made.
+const APPLIED_MEMORY_MS: i64 = 3_600_000;
 
 /// How long an eviction is remembered: longer than any lookup and verification takes.
 const EVICTION_MEMORY_MS: u64 = 60_000;

@@ -9,8 +9,6 @@ pub mod observed;
 pub mod postgres;
 mod rows;
 pub mod sqlite;
-#[cfg(test)]
-mod tests;
 
 use std::sync::Arc;
 

@@ -43,7 +43,7 @@ const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
 /// Reconnection back-off of the listener: short, because a change must reach this replica
 /// within a second of the database being reachable again.
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
-const BACKOFF_MAX: Duration = Duration::from_secs(1);
+const BACKOFF_MAX: Duration = Duration::from_millis(500);
 
 pub struct PostgresStore {
     pool: PgPool,

@@ -35,6 +35,14 @@ impl Builder {
         self
     }
 
+    /// Keys in the PostgreSQL database at `url` (a test's own), its URL in the environment as
+    /// tollgate wants it; `extra` is added to `store.postgres` (flow YAML fields).
+    pub fn postgres(self, url: &str, extra: &str) -> Self {
+        let sep = if extra.is_empty() { "" } else { ", " };
+        self.section("store", &format!("{{ postgres: {{ url_env: TG_TEST_PG_URL{sep}{extra} }} }}"))
+            .env("TG_TEST_PG_URL", url)
+    }
+
     pub fn yaml(&self) -> String {
         self.sections.iter().map(|(k, v)| format!("{k}: {v}\n")).collect()
     }
@@ -49,8 +57,9 @@ impl Builder {
         std::fs::write(&config, self.yaml()).expect("write config");
         // Every instance starts with one ordinary inference key (created before the server, as an
         // operator would).
-        let key = create_key(
+        let key = create_key_env(
             &config,
+            &self.env,
             &[
                 "--org",
                 "acme",
@@ -64,6 +73,7 @@ impl Builder {
         );
         let mut tg = Tollgate::spawn(dir, config, &self.env);
         tg.key = key;
+        tg.env = self.env;
         tg
     }
 }
@@ -75,6 +85,8 @@ pub struct Tollgate {
     pub addr: SocketAddr,
     pub admin: SocketAddr,
     pub config: PathBuf,
+    /// The environment it was started with, also given to `keys` (the store's URL).
+    pub env: Vec<(String, String)>,
     logs: Arc<Mutex<Vec<String>>>,
     _dir: tempfile::TempDir,
 }
@@ -125,17 +137,17 @@ impl Tollgate {
         let v: serde_json::Value = serde_json::from_str(&line).expect("json log line");
         let addr = v["public"].as_str().expect("public").parse().expect("addr");
         let admin = v["admin"].as_str().expect("admin").parse().expect("addr");
-        Tollgate { child, key: String::new(), addr, admin, config, logs, _dir: dir }
+        Tollgate { child, key: String::new(), addr, admin, config, env: Vec::new(), logs, _dir: dir }
     }
 
     /// `tollgate keys …` against this instance's config.
     pub fn keys(&self, args: &[&str]) -> std::process::Output {
-        keys_cli(&self.config, args)
+        keys_cli_env(&self.config, &self.env, args)
     }
 
     /// Creates a key with the CLI and returns its plaintext.
     pub fn create_key(&self, args: &[&str]) -> String {
-        create_key(&self.config, args)
+        create_key_env(&self.config, &self.env, args)
     }
 
     /// GET with this instance's default key.
@@ -222,13 +234,31 @@ impl Drop for Tollgate {
 }
 
 pub fn keys_cli(config: &std::path::Path, args: &[&str]) -> std::process::Output {
-    Command::new(BIN).arg("keys").arg("--config").arg(config).args(args).output().expect("run tollgate keys")
+    keys_cli_env(config, &[], args)
+}
+
+/// `tollgate keys …` with extra environment (a PostgreSQL store's URL).
+pub fn keys_cli_env(
+    config: &std::path::Path,
+    env: &[(String, String)],
+    args: &[&str],
+) -> std::process::Output {
+    let mut cmd = Command::new(BIN);
+    cmd.arg("keys").arg("--config").arg(config).args(args);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd.output().expect("run tollgate keys")
 }
 
 pub fn create_key(config: &std::path::Path, args: &[&str]) -> String {
+    create_key_env(config, &[], args)
+}
+
+pub fn create_key_env(config: &std::path::Path, env: &[(String, String)], args: &[&str]) -> String {
     let mut full = vec!["create"];
     full.extend_from_slice(args);
-    let out = keys_cli(config, &full);
+    let out = keys_cli_env(config, env, &full);
     assert!(out.status.success(), "keys create failed: {}", String::from_utf8_lossy(&out.stderr));
     String::from_utf8_lossy(&out.stdout).lines().next().expect("key line").to_string()
 }
@@ -290,4 +320,21 @@ pub fn assert_error(rsp: &Response<()>, body: &serde_json::Value, status: u16, c
     assert!(body["error"]["message"].as_str().is_some_and(|m| !m.is_empty()), "{body}");
     assert!(body["error"]["type"].is_string(), "{body}");
     assert!(body["error"]["details"].is_object(), "{body}");
+}
+
+/// A request to `tg` with `key` as its Bearer token and an optional JSON body.
+pub fn call(
+    tg: &Tollgate,
+    method: &str,
+    path: &str,
+    key: &str,
+    body: Option<serde_json::Value>,
+) -> Request<Full<bytes::Bytes>> {
+    Request::builder()
+        .method(method)
+        .uri(tg.url(path))
+        .header("authorization", format!("Bearer {key}"))
+        .header("content-type", "application/json")
+        .body(body.map_or_else(Full::default, |b| Full::from(b.to_string())))
+        .unwrap()
 }

@@ -2,28 +2,10 @@
 
 use std::time::Duration;
 
-use http::Request;
-use http_body_util::Full;
 use serde_json::json;
 
 use crate::harness::*;
 use crate::upstream::Upstream;
-
-fn call(
-    tg: &Tollgate,
-    method: &str,
-    path: &str,
-    key: &str,
-    body: Option<serde_json::Value>,
-) -> Request<Full<bytes::Bytes>> {
-    Request::builder()
-        .method(method)
-        .uri(tg.url(path))
-        .header("authorization", format!("Bearer {key}"))
-        .header("content-type", "application/json")
-        .body(body.map_or_else(Full::default, |b| Full::from(b.to_string())))
-        .unwrap()
-}
 
 #[tokio::test]
 async fn admin_keys_manage_their_own_organisation_only() {
