@@ -89,6 +89,7 @@ pub async fn maintain_keys(auth: Arc<Authenticator>, state: Arc<State>) {
             last_flush = Instant::now();
             let _ = flush_usage(&auth).await;
             auth.forget_quiet_sources();
+            auth.forget_uncached_ids();
         }
         if last_purge.is_none_or(|t| t.elapsed() >= PURGE_EVERY) {
             last_purge = Some(Instant::now());

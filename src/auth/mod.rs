@@ -26,6 +26,7 @@ use crate::metrics::Metrics;
 use crate::store::{Change, Cursor, KeyStore, StoreError};
 
 mod bearer;
+mod by_id;
 mod failures;
 mod principal;
 #[cfg(test)]
@@ -106,6 +107,9 @@ pub struct Authenticator {
     store_down: std::sync::atomic::AtomicBool,
     /// Last-used timestamps whose write failed, retried with the next batch.
     unwritten: Mutex<HashMap<String, i64>>,
+    /// Key id → the digest of its cached valid or revoked outcome. Locked around each insert
+    /// into the cache as well, so that pruning never drops the entry of an insert under way.
+    by_id: Mutex<by_id::ById>,
 }
 
 /// At most this many unwritten last-used timestamps are kept for a store that stays down.
@@ -151,6 +155,7 @@ impl Authenticator {
             evictions: std::sync::atomic::AtomicU64::new(0),
             store_down: std::sync::atomic::AtomicBool::new(false),
             unwritten: Mutex::new(HashMap::new()),
+            by_id: Mutex::new(by_id::ById::default()),
         })
     }
 
@@ -226,8 +231,10 @@ impl Authenticator {
                                 // it, so it is not cached; the next request reads the store
                                 // again.
                                 if !self.evicted_since(parsed.id, looked_up) {
-                                    let _ =
-                                        guard.insert(Cached { entry: entry.clone(), fresh_ms, expires_ms });
+                                    let cached = Cached { entry: entry.clone(), fresh_ms, expires_ms };
+                                    self.insert(&digest, parsed.id, cached, |c| {
+                                        let _ = guard.insert(c);
+                                    });
                                 }
                                 entry
                             }
@@ -238,7 +245,9 @@ impl Authenticator {
                                     // back, the next request past this one verifies again.
                                     Some(c) => {
                                         tracing::warn!(error = %e, "key store unreachable; serving a key verified before");
-                                        let _ = guard.insert(c.clone());
+                                        self.insert(&digest, parsed.id, c.clone(), |c| {
+                                            let _ = guard.insert(c);
+                                        });
                                         c.entry
                                     }
                                     None => {
@@ -312,14 +321,38 @@ impl Authenticator {
         true
     }
 
-    /// Drops every cached outcome for a key id, and remembers when, for lookups in flight.
+    /// Caches an outcome (through the placeholder guard of its lookup), indexed by key id when
+    /// a change of the key can make it stale.
+    /// `insert` puts `c` in the cache.
+    fn insert(&self, digest: &[u8; 32], id: &str, c: Cached, insert: impl FnOnce(Cached)) {
+        let mut by_id = self.by_id.lock().unwrap_or_else(|e| e.into_inner());
+        if matches!(c.entry, Entry::Valid(_) | Entry::Invalid { reason: Reason::Revoked, .. }) {
+            by_id.note(id, *digest);
+        }
+        insert(c);
+    }
+
+    /// Drops the cached outcomes of a key id that a change can make stale, and remembers when,
+    /// for lookups in flight.
     pub fn invalidate(&self, key_id: &str) {
         let n = self.evictions.fetch_add(1, Ordering::SeqCst) + 1;
         self.evicted
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .insert(key_id.to_string(), (n, self.clock_ms()));
-        self.cache.retain(|_, c| c.entry.key_id() != Some(key_id));
+        let evict = self.by_id.lock().unwrap_or_else(|e| e.into_inner()).take(key_id);
+        match evict {
+            by_id::Evict::Nothing => {}
+            by_id::Evict::One(digest) => {
+                self.cache.remove(&digest);
+            }
+            by_id::Evict::Scan => self.cache.retain(|_, c| c.entry.key_id() != Some(key_id)),
+        }
+    }
+
+    /// Forgets index entries of outcomes no longer cached (run with the other upkeep).
+    pub fn forget_uncached_ids(&self) {
+        self.by_id.lock().unwrap_or_else(|e| e.into_inner()).retain(|d| self.cache.contains_key(d));
     }
 
     /// Whether `key_id`'s cached outcomes were evicted after the lookup that noted `seen`.

@@ -219,3 +219,42 @@ async fn a_revocation_during_a_lookup_is_not_undone_by_its_result() {
     let again = auth.authenticate(&config.auth, &h, ip, &metrics).await;
     assert!(again.is_err(), "the revoked key was served from a cache entry written after the revocation");
 }
+
+/// A change evicts the changed key's outcome only, found through its id: another key in use
+/// is not verified again; the revoked key is refused at once, and its restore works at once.
+/// Index entries of outcomes no longer cached are forgotten.
+#[tokio::test]
+async fn a_change_evicts_only_the_changed_keys_outcome() {
+    let dir = tempfile::tempdir().unwrap();
+    let (config, store) = config_and_store("cache_ttl: 1h", &dir).await;
+    let (one, two) = (create_key(&store, &config).await, create_key(&store, &config).await);
+    let id = one.expose().split('_').nth(1).unwrap().to_string();
+    let auth = Authenticator::new(store.clone(), &config.auth).unwrap();
+    let metrics = Metrics::new().unwrap();
+    let ip: IpAddr = "127.0.0.1".parse().unwrap();
+    let h = |t: &keys::Token| headers(&[format!("Bearer {}", t.expose()).as_bytes()]);
+    let use_key = |t| {
+        let (auth, metrics, config, h) = (&auth, &metrics, &config, h(t));
+        async move { auth.authenticate(&config.auth, &h, ip, metrics).await.is_ok() }
+    };
+    assert!(use_key(&one).await && use_key(&two).await);
+    assert_eq!(verifications(&metrics), 2);
+
+    crate::keys::lifecycle::revoke(store.as_ref(), &id, &crate::keys::lifecycle::Actor::Cli).await.unwrap();
+    auth.invalidate(&id);
+    assert!(!use_key(&one).await, "revoked");
+    assert!(use_key(&two).await);
+    assert_eq!(verifications(&metrics), 3, "the revoked key verified again, the other not");
+
+    crate::keys::lifecycle::restore(store.as_ref(), &config, &id, &crate::keys::lifecycle::Actor::Cli)
+        .await
+        .unwrap();
+    auth.invalidate(&id);
+    assert!(use_key(&one).await, "restored: its cached refusal was evicted");
+    assert_eq!(verifications(&metrics), 4);
+
+    assert_eq!(auth.by_id.lock().unwrap().len(), 2);
+    auth.cache.clear();
+    auth.forget_uncached_ids();
+    assert_eq!(auth.by_id.lock().unwrap().len(), 0, "nothing cached, nothing indexed");
+}

@@ -229,3 +229,53 @@ async fn a_half_open_feed_is_probed_and_replaced() {
     assert!(took > Duration::from_millis(500), "the frozen connection delivered it? {took:?}");
     assert!(tg.wait_log("lost the PostgreSQL change feed", Duration::from_secs(1)).await);
 }
+
+/// Last-used times of requests served while the database is unreachable are written once it
+/// is back: the failed batch (the outage spans a 10 s flush) is retried, not dropped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn last_used_times_from_an_outage_are_written_after_it() {
+    let up = Upstream::start().await;
+    let db = TestDb::create().await;
+    let relay = Relay::start("127.0.0.1:5432".parse().unwrap()).await;
+    let tg = Tollgate::builder(&up.url())
+        .postgres(&relay.postgres_url(&db.name), "connect_timeout: 500ms")
+        .section("auth", "{ argon2: { memory_kib: 64, iterations: 1, parallelism: 1 } }")
+        .start();
+    let client = h1();
+    assert_eq!(models(&client, &tg, &tg.key).await, 200);
+    relay.set(Mode::Refuse);
+    relay.cut();
+    let outage = Instant::now();
+    // Taken before each request: the key's last use is at or after the last of these.
+    let mut before_last = String::new();
+    while outage.elapsed() < Duration::from_secs(12) {
+        before_last = tollgate::clock::rfc3339(tollgate::clock::now_ms());
+        assert_eq!(models(&client, &tg, &tg.key).await, 200, "a cached key during the outage");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    assert!(tg.logs().contains("cannot write last-used timestamps"), "no flush failed during the outage");
+    relay.set(Mode::Pass);
+    let direct = vec![("TG_TEST_PG_URL".to_string(), db.url.clone())];
+    let id = tg.key.split('_').nth(1).unwrap().to_string();
+    let start = Instant::now();
+    loop {
+        let out = keys_cli_env(&tg.config, &direct, &["list", "--json"]);
+        let keys: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let used = keys
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|k| k["id"] == id.as_str())
+            .and_then(|k| k["last_used_at"].as_str().map(str::to_string))
+            .unwrap_or_default();
+        // RFC 3339 in UTC with fixed digits: text order is time order.
+        if used >= before_last {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "last used {used:?}, last request after {before_last}"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
