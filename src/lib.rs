@@ -82,7 +82,20 @@ pub async fn serve(
         .map_err(StartupError::Listen)?;
     let local = |l: &tokio::net::TcpListener| l.local_addr().map_err(|e| StartupError::Listen(e.to_string()));
     let (public, admin) = (local(&listeners.public)?, local(&listeners.admin)?);
-    let state = Arc::new(state::State::new(snapshot, metrics, auth.clone(), config_path));
+    let fleet = match &snapshot.config.rate_limits.backend {
+        config::LimitBackend::Local => None,
+        config::LimitBackend::Redis(cfg) => {
+            let m = limits::redis::FleetMetrics {
+                up: metrics.ratelimit_backend_up.clone(),
+                duration: metrics.ratelimit_backend_duration.clone(),
+                decisions: metrics.ratelimit_decisions.clone(),
+            };
+            Some(Arc::new(limits::redis::Fleet::new(cfg, m).map_err(StartupError::System)?))
+        }
+    };
+    let mut state = state::State::new(snapshot, metrics, auth.clone(), config_path);
+    state.fleet = fleet;
+    let state = Arc::new(state);
     tracing::info!(
         public = %public,
         admin = %admin,
@@ -96,10 +109,14 @@ pub async fn serve(
     let reload_task = tokio::spawn(reloader.run());
     let auth_task = tokio::spawn(tasks::maintain_keys(auth.clone(), state.clone()));
     let limits_task = tokio::spawn(tasks::forget_idle_limits(state.clone()));
+    let announce_task = state.fleet.clone().map(|f| tokio::spawn(tasks::announce_replica(f)));
     net::listener::serve(state, listeners, acceptor, shutdown).await;
     reload_task.abort();
     auth_task.abort();
     limits_task.abort();
+    if let Some(t) = announce_task {
+        t.abort();
+    }
     // Last-used timestamps still in memory are written before exit.
     auth::flush_usage(&auth).await;
     Ok(())

@@ -25,6 +25,9 @@ pub struct Metrics {
     pub store_up: IntGauge,
     pub store_errors: IntCounterVec,
     pub key_change_lag: Histogram,
+    pub ratelimit_backend_up: IntGauge,
+    pub ratelimit_backend_duration: Histogram,
+    pub ratelimit_decisions: IntCounterVec,
 }
 
 /// Latency buckets from 1 ms to 10 min: inference requests run from milliseconds (embeddings)
@@ -37,6 +40,9 @@ const REQUEST_BUCKETS: &[f64] = &[
 /// Key change lag buckets, 5 ms to 30 s: pushed changes land in milliseconds, polled ones
 /// within `revocation_poll`, and a catch-up after an outage later still.
 const LAG_BUCKETS: &[f64] = &[0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0];
+
+/// Shared rate-limit decision buckets, 100 µs to 100 ms (the timeout is 20 ms by default).
+const BACKEND_BUCKETS: &[f64] = &[0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1];
 
 impl Metrics {
     pub fn new() -> Result<Metrics, prometheus::Error> {
@@ -125,9 +131,28 @@ impl Metrics {
                 )
                 .buckets(LAG_BUCKETS.to_vec()),
             )?,
+            ratelimit_backend_up: IntGauge::new(
+                "tollgate_ratelimit_backend_up",
+                "1 if the latest call to the shared rate-limit backend (Redis) succeeded, else 0; 1 with the local backend.",
+            )?,
+            ratelimit_backend_duration: Histogram::with_opts(
+                HistogramOpts::new(
+                    "tollgate_ratelimit_backend_duration_seconds",
+                    "Time of one shared rate-limit decision (one Redis round trip), timeouts included.",
+                )
+                .buckets(BACKEND_BUCKETS.to_vec()),
+            )?,
+            ratelimit_decisions: counter_vec(
+                "tollgate_ratelimit_decisions_total",
+                "Rate-limit decisions of the Redis backend, by source (`redis`, `local_cache`, `fallback_local`, `fallback_open`, `fallback_closed`).",
+                &["source"],
+            )?,
             registry,
         };
         m.registry.register(Box::new(m.inflight.clone()))?;
+        m.registry.register(Box::new(m.ratelimit_backend_up.clone()))?;
+        m.registry.register(Box::new(m.ratelimit_backend_duration.clone()))?;
+        m.ratelimit_backend_up.set(1);
         m.registry.register(Box::new(m.store_up.clone()))?;
         m.registry.register(Box::new(m.key_change_lag.clone()))?;
         // Pre-created, so that a rate over them is 0 rather than absent before the first error.

@@ -154,6 +154,8 @@ fn warn_restart_only(old: &Config, new: &Config) {
         ("tls (enabling or disabling)", old.tls.is_some() != new.tls.is_some()),
         ("log.format", old.log.format != new.log.format),
         ("store", old.store != new.store),
+        // The Redis connection and its settings are made once, at start.
+        ("rate_limits.backend / rate_limits.redis", old.rate_limits.backend != new.rate_limits.backend),
         ("limits.max_connections", old.limits.max_connections != new.limits.max_connections),
         // The cache and the failure limiter are sized and built once (their state would be lost).
         ("auth.cache_capacity", old.auth.cache_capacity != new.auth.cache_capacity),

@@ -70,6 +70,8 @@ impl Snapshot {
 pub struct State {
     pub metrics: Metrics,
     pub auth: Arc<Authenticator>,
+    /// The shared rate limits (`rate_limits.backend: redis`), made at start; `None`: local.
+    pub fleet: Option<Arc<crate::limits::redis::Fleet>>,
     snapshot: ArcSwap<Snapshot>,
     draining: AtomicBool,
     /// Whether the key store can be used (`KeyStore::check`, by the maintenance loop).
@@ -88,6 +90,7 @@ impl State {
         State {
             metrics,
             auth,
+            fleet: None,
             snapshot: ArcSwap::from_pointee(snapshot),
             draining: AtomicBool::new(false),
             store_ok: AtomicBool::new(true),

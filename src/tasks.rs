@@ -115,5 +115,17 @@ pub async fn forget_idle_limits(state: Arc<State>) {
     loop {
         tokio::time::sleep(Duration::from_secs(30)).await;
         state.snapshot().limiter.forget_idle();
+        if let Some(f) = &state.fleet {
+            f.forget_idle();
+        }
+    }
+}
+
+/// Background work of the Redis backend: announces this replica every second, and learns
+/// how many are live (the divisor of `on_error: local`).
+pub async fn announce_replica(fleet: Arc<crate::limits::redis::Fleet>) {
+    loop {
+        fleet.announce().await;
+        tokio::time::sleep(crate::limits::redis::ANNOUNCE_EVERY).await;
     }
 }

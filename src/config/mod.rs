@@ -187,9 +187,34 @@ pub enum LimitPer {
     Key,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// Where rate-limit state lives (§4, §11).
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum LimitBackend {
+    /// In this process: one replica's limits.
     Local,
+    /// In Redis, shared by every replica: one limit for the fleet.
+    Redis(Redis),
+}
+
+/// `rate_limits.redis`. Like `store.postgres`, the URL only ever comes from the environment.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Redis {
+    pub url_env: String,
+    pub key_prefix: String,
+    /// The longest a decision waits for Redis; then `on_error` decides.
+    pub timeout: Duration,
+    pub on_error: OnError,
+}
+
+/// What a decision does when Redis fails or is slower than its timeout.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnError {
+    /// The tier enforced by this replica, each limit divided by the live replicas last seen.
+    Local,
+    /// Admitted.
+    Open,
+    /// 503 `unavailable`.
+    Closed,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -200,6 +225,8 @@ pub struct RateLimits {
     pub org_overrides: BTreeMap<String, Tier>,
     /// Negotiated limits for one key (by id), replacing its tier and organisation limits.
     pub key_overrides: BTreeMap<String, Tier>,
+    /// `tiers.X.on_store_error`: a tier's own answer when Redis fails.
+    pub tier_on_error: BTreeMap<String, OnError>,
 }
 
 /// One tier. `None` means unlimited in that dimension.

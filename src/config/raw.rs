@@ -117,7 +117,17 @@ pub(super) struct RawFailedAuth {
 pub(super) struct RawRateLimits {
     pub(super) per: Option<String>,
     pub(super) backend: Option<String>,
+    pub(super) redis: Option<RawRedis>,
     pub(super) overrides: RawOverrides,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+pub(super) struct RawRedis {
+    pub(super) url_env: Option<String>,
+    pub(super) key_prefix: Option<String>,
+    pub(super) timeout: Option<serde_yaml_ng::Value>,
+    pub(super) on_error: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -133,6 +143,7 @@ pub(super) struct RawTier {
     pub(super) requests_per_second: Option<serde_yaml_ng::Value>,
     pub(super) burst: Option<serde_yaml_ng::Value>,
     pub(super) daily_requests: Option<serde_yaml_ng::Value>,
+    pub(super) on_store_error: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -189,3 +189,54 @@ fn store_postgres_takes_the_url_from_the_environment_only() {
     assert_eq!(paths, ["store.postgres.url", "store.postgres.url_env"], "{e}");
     assert!(!e.to_string().contains("secret"), "{e}");
 }
+
+#[test]
+fn rate_limits_redis_takes_the_url_from_the_environment_and_names_each_mistake() {
+    let c = Config::from_yaml(
+        "rate_limits:\n  backend: redis\n  redis: { url_env: TG_REDIS, key_prefix: \"tg:\", timeout: 5ms, on_error: closed }\ntiers:\n  a: { requests_per_second: 1, on_store_error: open }\n  b: { requests_per_second: 1 }\n",
+        "t",
+    )
+    .unwrap();
+    assert_eq!(
+        c.rate_limits.backend,
+        LimitBackend::Redis(Redis {
+            url_env: "TG_REDIS".into(),
+            key_prefix: "tg:".into(),
+            timeout: Duration::from_millis(5),
+            on_error: OnError::Closed,
+        })
+    );
+    assert_eq!(c.rate_limits.tier_on_error.get("a"), Some(&OnError::Open));
+    assert_eq!(c.rate_limits.tier_on_error.get("b"), None);
+    assert_eq!(c.tiers["a"], Tier { requests_per_second: Some(1), burst: Some(1), daily_requests: None });
+    let c = Config::from_yaml("rate_limits: { backend: redis, redis: { url_env: R } }\n", "t").unwrap();
+    let LimitBackend::Redis(r) = c.rate_limits.backend else { panic!("expected redis") };
+    assert_eq!(
+        (r.key_prefix.as_str(), r.timeout, r.on_error),
+        ("tollgate:", Duration::from_millis(20), OnError::Local)
+    );
+
+    let e = Config::from_yaml(
+        "rate_limits:\n  backend: redis\n  redis: { url_env: \"redis://:secret@h\", key_prefix: \"{x}\", timeout: 0ms, on_error: maybe }\n  overrides: { orgs: { acme: { requests_per_second: 1, on_store_error: open } } }\ntiers:\n  a: { on_store_error: sometimes }\n",
+        "t",
+    )
+    .unwrap_err();
+    let paths: Vec<&str> = e.problems.iter().map(|p| p.path.as_str()).collect();
+    assert_eq!(
+        paths,
+        [
+            "rate_limits.redis.url_env",
+            "rate_limits.redis.key_prefix",
+            "rate_limits.redis.timeout",
+            "rate_limits.redis.on_error",
+            "rate_limits.overrides.orgs.acme.on_store_error",
+            "tiers.a.on_store_error",
+        ],
+        "{e}"
+    );
+    assert!(!e.to_string().contains("secret"), "the password is echoed: {e}");
+    let e = Config::from_yaml("rate_limits: { redis: { url_env: R } }\n", "t").unwrap_err();
+    assert_eq!(e.problems[0].path, "rate_limits.redis");
+    let e = Config::from_yaml("rate_limits: { backend: memcached }\n", "t").unwrap_err();
+    assert!(e.to_string().contains("expected `local` or `redis`"), "{e}");
+}

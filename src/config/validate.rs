@@ -149,8 +149,8 @@ impl Validator {
         let log = self.log(raw.log);
         let store = self.store(raw.store);
         let auth = self.auth(raw.auth);
-        let rate_limits = self.rate_limits(raw.rate_limits);
-        let tiers = self.tiers(raw.tiers);
+        let mut rate_limits = self.rate_limits(raw.rate_limits);
+        let tiers = self.tiers(raw.tiers, &mut rate_limits.tier_on_error);
         let routes = self.routes(raw.routes);
         let default_scope = self.nonempty("default_scope", raw.default_scope);
         let mut trusted = Vec::new();
@@ -186,19 +186,7 @@ impl Validator {
         if sqlite.is_some() {
             self.problem("store", "set either `sqlite` or `postgres`, not both");
         }
-        let url_env = self.nonempty("store.postgres.url_env", pg.url_env).unwrap_or_else(|| {
-            self.problem(
-                "store.postgres.url_env",
-                "required: the name of the environment variable holding the postgres:// URL (the URL itself never goes in the file)",
-            );
-            String::new()
-        });
-        if !url_env.is_empty() && !url_env.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') {
-            self.problem(
-                "store.postgres.url_env",
-                "must be the name of an environment variable (letters, digits, `_`), not a URL",
-            );
-        }
+        let url_env = self.env_name("store.postgres.url_env", pg.url_env, "postgres://");
         let pool_size = self.bounded("store.postgres.pool_size", pg.pool_size, 8, 1000).max(1);
         Store::Postgres(Postgres {
             url_env,
@@ -206,6 +194,16 @@ impl Validator {
             connect_timeout: self.positive("store.postgres.connect_timeout", pg.connect_timeout, 2),
             statement_timeout: self.positive("store.postgres.statement_timeout", pg.statement_timeout, 2),
         })
+    }
+
+    /// A duration that must be more than 0 (default in milliseconds).
+    fn positive_ms(&mut self, path: &str, v: Option<serde_yaml_ng::Value>, default_ms: u64) -> Duration {
+        let d = self.duration(path, v, Duration::from_millis(default_ms));
+        if d.is_zero() {
+            self.problem(path, "must be more than 0");
+            return Duration::from_millis(default_ms);
+        }
+        d
     }
 
     /// A duration that must be more than 0 (default in seconds).
@@ -372,25 +370,85 @@ impl Validator {
             }
         };
         let backend = match raw.backend.as_deref() {
-            None | Some("local") => LimitBackend::Local,
+            None | Some("local") => {
+                if raw.redis.is_some() {
+                    self.problem("rate_limits.redis", "set only with `backend: redis`");
+                }
+                LimitBackend::Local
+            }
+            Some("redis") => LimitBackend::Redis(self.redis(raw.redis.unwrap_or_default())),
             Some(other) => {
-                self.problem(
-                    "rate_limits.backend",
-                    format!("expected `local` (the only backend in this version), got `{other}`"),
-                );
+                self.problem("rate_limits.backend", format!("expected `local` or `redis`, got `{other}`"));
                 LimitBackend::Local
             }
         };
         let org_overrides = self.tier_map("rate_limits.overrides.orgs", raw.overrides.orgs);
         let key_overrides = self.tier_map("rate_limits.overrides.keys", raw.overrides.keys);
-        RateLimits { per, backend, org_overrides, key_overrides }
+        RateLimits { per, backend, org_overrides, key_overrides, tier_on_error: BTreeMap::new() }
     }
 
-    fn tiers(&mut self, raw: Option<BTreeMap<String, RawTier>>) -> BTreeMap<String, Tier> {
-        match raw {
-            None => default_tiers(),
-            Some(raw) => self.tier_map("tiers", raw),
+    fn redis(&mut self, raw: RawRedis) -> Redis {
+        let url_env = self.env_name("rate_limits.redis.url_env", raw.url_env, "redis://");
+        let key_prefix = raw.key_prefix.unwrap_or_else(|| "tollgate:".into());
+        if key_prefix.len() > 64
+            || key_prefix.bytes().any(|b| !b.is_ascii_graphic() || b == b'{' || b == b'}')
+        {
+            self.problem(
+                "rate_limits.redis.key_prefix",
+                "up to 64 visible ASCII characters, no `{` or `}` (tollgate adds the hash tags)",
+            );
         }
+        let timeout = self.positive_ms("rate_limits.redis.timeout", raw.timeout, 20);
+        let on_error =
+            self.on_error("rate_limits.redis.on_error", raw.on_error.as_deref()).unwrap_or(OnError::Local);
+        Redis { url_env, key_prefix, timeout, on_error }
+    }
+
+    fn on_error(&mut self, path: &str, v: Option<&str>) -> Option<OnError> {
+        match v? {
+            "local" => Some(OnError::Local),
+            "open" => Some(OnError::Open),
+            "closed" => Some(OnError::Closed),
+            other => {
+                self.problem(path, format!("expected `local`, `open` or `closed`, got `{other}`"));
+                None
+            }
+        }
+    }
+
+    /// The name of an environment variable holding a secret URL (never the URL itself).
+    fn env_name(&mut self, path: &str, v: Option<String>, scheme: &str) -> String {
+        let name = self.nonempty(path, v).unwrap_or_else(|| {
+            self.problem(
+                path,
+                format!("required: the name of the environment variable holding the {scheme} URL (the URL itself never goes in the file)"),
+            );
+            String::new()
+        });
+        if !name.is_empty() && !name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') {
+            self.problem(
+                path,
+                "must be the name of an environment variable (letters, digits, `_`), not a URL",
+            );
+        }
+        name
+    }
+
+    /// The tiers, and each one's `on_store_error` into `on_error`.
+    fn tiers(
+        &mut self,
+        raw: Option<BTreeMap<String, RawTier>>,
+        on_error: &mut BTreeMap<String, OnError>,
+    ) -> BTreeMap<String, Tier> {
+        let Some(mut raw) = raw else { return default_tiers() };
+        for (name, t) in &mut raw {
+            if let Some(e) =
+                self.on_error(&format!("tiers.{name}.on_store_error"), t.on_store_error.take().as_deref())
+            {
+                on_error.insert(name.clone(), e);
+            }
+        }
+        self.tier_map("tiers", raw)
     }
 
     /// A map of named limits: the tiers, or the overrides (names are then org names or key ids).
@@ -398,6 +456,9 @@ impl Validator {
         let mut tiers = BTreeMap::new();
         for (name, t) in raw {
             let base = format!("{at}.{name}");
+            if t.on_store_error.is_some() {
+                self.problem(&format!("{base}.on_store_error"), "set on tiers only");
+            }
             let ok = |b: u8| b.is_ascii_alphanumeric() || b"-_.:@".contains(&b);
             if name.is_empty() || name.len() > 64 || !name.bytes().all(ok) {
                 self.problem(&base, "names use 1 to 64 ASCII letters, digits or `-_.:@`");

@@ -22,6 +22,7 @@ use crate::config::{Config, LimitPer, Tier};
 use crate::error::{Error, Limit};
 
 mod quota;
+pub mod redis;
 
 #[cfg(test)]
 use quota::put_openai_duration;
@@ -68,6 +69,19 @@ impl<C: Clock + Clone> Bucket<C> {
     }
 }
 
+/// Which state a decision uses: the kind of bucket and of entity (part of the fleet's Redis
+/// key names, so that an organisation's tier state and its override's never mix).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Scope {
+    KeyOverride,
+    OrgOverride,
+    TierPerOrg,
+    TierPerKey,
+}
+
+/// What `resolve` finds: the bucket, the entity whose state it is, and the kind of both.
+pub(crate) type Resolved<'a, C> = (&'a Arc<Bucket<C>>, &'a Arc<str>, Scope);
+
 /// A refused request: the 429 and the headers that go with it.
 #[derive(Debug)]
 pub struct Rejection {
@@ -94,6 +108,31 @@ impl Limiter<DefaultClock> {
     pub fn from_config(config: &Config, previous: Option<&Limiter>) -> Limiter {
         let clock = previous.map_or_else(DefaultClock::default, |p| p.clock.clone());
         Limiter::new(config, previous, clock, Arc::new(crate::clock::now_ms))
+    }
+}
+
+impl Limiter<DefaultClock> {
+    /// The limits of `config` shared among `replicas`, each rounded up: what one replica
+    /// enforces by itself while the fleet's shared state is unreachable (`on_error: local`).
+    /// Together the replicas admit at most the tier's limits plus one per replica.
+    pub fn divided(config: &Config, replicas: u32, previous: Option<&Limiter>) -> Limiter {
+        let n = replicas.max(1);
+        let share32 = |x: Option<u32>| x.map(|v| v.div_ceil(n).max(1));
+        let share64 = |x: Option<u64>| x.map(|v| v.div_ceil(u64::from(n)).max(1));
+        let divide = |m: &mut std::collections::BTreeMap<String, Tier>| {
+            for t in m.values_mut() {
+                *t = Tier {
+                    requests_per_second: share32(t.requests_per_second),
+                    burst: share32(t.burst),
+                    daily_requests: share64(t.daily_requests),
+                };
+            }
+        };
+        let mut shared = config.clone();
+        divide(&mut shared.tiers);
+        divide(&mut shared.rate_limits.org_overrides);
+        divide(&mut shared.rate_limits.key_overrides);
+        Limiter::from_config(&shared, previous)
     }
 }
 
@@ -139,32 +178,49 @@ impl<C: Clock + Clone> Limiter<C> {
         org: &Arc<str>,
         tier: &str,
     ) -> Result<Quota, Box<Rejection>> {
+        let (bucket, entity, _) = self.resolve(key_id, org, tier)?;
+        self.decide(bucket, entity, tier)
+    }
+
+    /// Which limits apply to a request, and to whose state: a key's override, its
+    /// organisation's, or its tier (per organisation or per key). A tier that is not
+    /// configured is a configuration problem (500), not a limit.
+    pub(crate) fn resolve<'a>(
+        &'a self,
+        key_id: &'a Arc<str>,
+        org: &'a Arc<str>,
+        tier: &str,
+    ) -> Result<Resolved<'a, C>, Box<Rejection>> {
         // Overrides are negotiated per key or per organisation; their state is their own.
-        let (bucket, entity) = if let Some(b) = self.keys.get(&**key_id) {
-            (b, key_id)
+        if let Some(b) = self.keys.get(&**key_id) {
+            Ok((b, key_id, Scope::KeyOverride))
         } else if let Some(b) = self.orgs.get(&**org) {
-            (b, org)
+            Ok((b, org, Scope::OrgOverride))
         } else if let Some(b) = self.tiers.get(tier) {
-            let entity = match self.per {
-                LimitPer::Org => org,
-                LimitPer::Key => key_id,
-            };
-            (b, entity)
+            Ok(match self.per {
+                LimitPer::Org => (b, org, Scope::TierPerOrg),
+                LimitPer::Key => (b, key_id, Scope::TierPerKey),
+            })
         } else {
-            // A configuration problem, not a limit: retrying later (the old 429) would not help.
-            // Once per tier and config generation: any holder of such a key could flood the log.
+            // Retrying later (the old 429) would not help. Logged once per tier and config
+            // generation: any holder of such a key could flood the log.
             if self.unconfigured.lock().unwrap_or_else(|e| e.into_inner()).insert(tier.to_string()) {
                 tracing::error!(tier, org = %org, "a key's tier is not configured; its requests get 500");
             }
             let message = format!(
                 "This key's tier `{tier}` is not configured on this server; an operator must configure the tier or move the key to another one."
             );
-            return Err(Box::new(Rejection {
-                error: Error::Internal(message),
-                quota: Quota::default(),
-                limit: None,
-            }));
-        };
+            Err(Box::new(Rejection { error: Error::Internal(message), quota: Quota::default(), limit: None }))
+        }
+    }
+
+    /// The decision of this process's own state for `entity` under `bucket`.
+    pub(crate) fn decide(
+        &self,
+        bucket: &Bucket<C>,
+        entity: &Arc<str>,
+        tier: &str,
+    ) -> Result<Quota, Box<Rejection>> {
         let mut quota = Quota::default();
         let now_ms = (self.wall)();
         let day = now_ms.div_euclid(DAY_MS);

@@ -90,7 +90,7 @@ impl Proxy {
             path: redact_keys(req.uri().path(), &auth.key_prefix),
         })?;
         route.check(principal.scopes())?;
-        self.admit(snap, ctx)?;
+        self.admit(snap, ctx).await?;
         if route.handler == Handler::Keys {
             return keys_api::handle(&self.state, snap, &principal, req).await;
         }
@@ -99,11 +99,15 @@ impl Proxy {
 
     /// The rate-limit decision for the authenticated caller; its quota goes into the response
     /// headers whether it admits or refuses.
-    fn admit(&self, snap: &Snapshot, ctx: &mut Ctx) -> Result<(), Error> {
+    async fn admit(&self, snap: &Snapshot, ctx: &mut Ctx) -> Result<(), Error> {
         let Some(p) = ctx.principal.as_deref() else {
             return Ok(());
         };
-        match snap.limiter.check_shared(&p.key_id, &p.org, &p.tier) {
+        let decided = match &self.state.fleet {
+            None => snap.limiter.check_shared(&p.key_id, &p.org, &p.tier),
+            Some(fleet) => fleet.check(&snap.config, &snap.limiter, &p.key_id, &p.org, &p.tier).await,
+        };
+        match decided {
             Ok(q) => {
                 ctx.quota = Some(q);
                 Ok(())

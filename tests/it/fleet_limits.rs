@@ -1,0 +1,285 @@
+//! Fleet mode II (§11, §4): one rate limit for every replica, in a `redis-server` of the
+//! test's own. First the decision script's arithmetic at fixed times (its test-only time
+//! argument), then replicas as users run them, then Redis failing under each `on_error`.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tollgate::config::Config;
+use tollgate::limits::redis::{Fleet, FleetMetrics};
+use tollgate::limits::Limiter;
+
+use crate::harness::*;
+use crate::redis_server::RedisServer;
+use crate::relay::{Mode, Relay};
+use crate::upstream::Upstream;
+
+fn metrics() -> FleetMetrics {
+    FleetMetrics {
+        up: prometheus::IntGauge::new("up", "up").unwrap(),
+        duration: prometheus::Histogram::with_opts(prometheus::HistogramOpts::new("d", "d")).unwrap(),
+        decisions: prometheus::IntCounterVec::new(prometheus::Opts::new("n", "n"), &["source"]).unwrap(),
+    }
+}
+
+fn setup(url: &str, yaml: &str) -> (Config, Limiter, Fleet) {
+    let yaml = format!("rate_limits:\n  backend: redis\n  redis: {{ url_env: UNUSED, timeout: 1s }}\n{yaml}");
+    let config = Config::from_yaml(&yaml, "test").unwrap();
+    let tollgate::config::LimitBackend::Redis(redis) = &config.rate_limits.backend else { panic!("redis") };
+    let fleet = Fleet::with_url(url, redis, metrics()).unwrap();
+    let limiter = Limiter::from_config(&config, None);
+    (config, limiter, fleet)
+}
+
+/// 2026-12-02T12:00:00Z in microseconds, and midnight after it.
+const NOON: i64 = 1_796_212_800_000_000;
+const MIDNIGHT: i64 = NOON + 12 * 3_600_000_000;
+const MS: i64 = 1_000;
+
+/// What one decision said: admitted with (burst left, daily left), or refused by a limit
+/// with its Retry-After.
+#[derive(Debug, PartialEq, Eq)]
+enum Said {
+    Ok(Option<u32>, Option<u64>),
+    No(&'static str, u64),
+}
+
+async fn at(fleet: &Fleet, limiter: &Limiter, org: &str, tier: &str, now: i64) -> Said {
+    let org: Arc<str> = org.into();
+    match fleet.decide_at(limiter, &org, tier, now).await.unwrap() {
+        Ok(q) => {
+            let mut h = http::HeaderMap::new();
+            q.write_headers(&mut h);
+            let policy = h.get("ratelimit").map(|v| v.to_str().unwrap().to_string()).unwrap_or_default();
+            // `RateLimit: "requests_per_second";r=N;t=…, "daily_requests";r=M;t=…` (IETF).
+            let remaining = |name: &str| {
+                policy.split(", ").find(|p| p.starts_with(&format!("\"{name}\""))).and_then(|p| {
+                    p.split(';').find_map(|f| f.strip_prefix("r=")).and_then(|r| r.parse::<u64>().ok())
+                })
+            };
+            Said::Ok(
+                remaining("requests_per_second").map(|r| u32::try_from(r).unwrap()),
+                remaining("daily_requests"),
+            )
+        }
+        Err(r) => {
+            let tollgate::error::Error::RateLimited { retry_after, limit, .. } = r.error else {
+                panic!("not a 429: {:?}", r.error)
+            };
+            Said::No(limit.label(), retry_after)
+        }
+    }
+}
+
+#[tokio::test]
+async fn the_shared_decision_is_exact_burst_then_rate_refusals_free_daily_reset_at_midnight() {
+    let redis = RedisServer::start();
+    let (_config, limiter, fleet) = setup(
+        &redis.url(),
+        "tiers:\n  t: { requests_per_second: 2, burst: 3, daily_requests: 5 }\n  d: { requests_per_second: 1, burst: 5, daily_requests: 2 }\n",
+    );
+
+    // A full bucket admits `burst` at once, then one each 500 ms; a refusal takes nothing from
+    // the daily budget.
+    use Said::*;
+    assert_eq!(at(&fleet, &limiter, "acme", "t", NOON).await, Ok(Some(2), Some(4)));
+    assert_eq!(at(&fleet, &limiter, "acme", "t", NOON).await, Ok(Some(1), Some(3)));
+    assert_eq!(at(&fleet, &limiter, "acme", "t", NOON).await, Ok(Some(0), Some(2)));
+    assert_eq!(at(&fleet, &limiter, "acme", "t", NOON).await, No("requests_per_second", 1));
+    assert_eq!(at(&fleet, &limiter, "acme", "t", NOON + 499 * MS).await, No("requests_per_second", 1));
+    assert_eq!(
+        at(&fleet, &limiter, "acme", "t", NOON + 500 * MS).await,
+        Ok(Some(0), Some(1)),
+        "refusals were free"
+    );
+    assert_eq!(at(&fleet, &limiter, "acme", "t", NOON + 1000 * MS).await, Ok(Some(0), Some(0)));
+    // The budget is spent: refused until midnight (12 h), whatever the bucket holds.
+    assert_eq!(at(&fleet, &limiter, "acme", "t", NOON + 9000 * MS).await, No("daily_requests", 43_191));
+    // Another organisation has its own state.
+    assert_eq!(at(&fleet, &limiter, "globex", "t", NOON + 9000 * MS).await, Ok(Some(2), Some(4)));
+
+    // A daily refusal consumes nothing from the bucket: at 23:59:59.990 the budget (2) is
+    // spent, five more are refused; at midnight the budget is back and the bucket holds what
+    // 10 ms of refill gives it, as if the refused requests had never come.
+    let before = MIDNIGHT - 10 * MS;
+    assert_eq!(at(&fleet, &limiter, "acme", "d", before).await, Ok(Some(4), Some(1)));
+    assert_eq!(at(&fleet, &limiter, "acme", "d", before).await, Ok(Some(3), Some(0)));
+    for _ in 0..5 {
+        assert_eq!(at(&fleet, &limiter, "acme", "d", before).await, No("daily_requests", 1));
+    }
+    assert_eq!(at(&fleet, &limiter, "acme", "d", MIDNIGHT).await, Ok(Some(2), Some(1)), "reset at 00:00 UTC");
+
+    // Redis forgot the script (a restart, a failover): reloaded, same arithmetic.
+    assert_eq!(redis.cli(&["SCRIPT", "FLUSH"]), "OK");
+    assert_eq!(at(&fleet, &limiter, "initech", "t", NOON).await, Ok(Some(2), Some(4)));
+
+    // Keys carry the entity's hash tag (Redis Cluster) and expire when idle.
+    let keys = redis.cli(&["--scan", "--pattern", "tollgate:*"]);
+    assert!(keys.lines().all(|k| k.contains("{o:")), "{keys}");
+    for k in keys.lines() {
+        let ttl: i64 = redis.cli(&["PTTL", k]).parse().unwrap();
+        assert!(ttl > 0, "{k} never expires");
+    }
+}
+
+/// Overrides have state of their own and their own limits; a tier reload that changes a
+/// tier's limits starts it full, while an unchanged tier keeps its state (§4).
+#[tokio::test]
+async fn overrides_and_reloaded_tiers_behave_as_locally() {
+    let redis = RedisServer::start();
+    let tiers =
+        "tiers:\n  t: { requests_per_second: 1, burst: 2 }\n  u: { requests_per_second: 1, burst: 2 }\n";
+    let (_c, limiter, fleet) = setup(&redis.url(), tiers);
+    use Said::*;
+    for _ in 0..2 {
+        assert!(matches!(at(&fleet, &limiter, "acme", "t", NOON).await, Ok(..)));
+        assert!(matches!(at(&fleet, &limiter, "acme", "u", NOON).await, Ok(..)));
+    }
+    assert_eq!(at(&fleet, &limiter, "acme", "t", NOON).await, No("requests_per_second", 1));
+
+    // Reloaded: t's limits change, u's do not.
+    let yaml = "rate_limits:\n  backend: redis\n  redis: { url_env: UNUSED }\n  overrides: { orgs: { vip: { requests_per_second: 100, burst: 100 } } }\ntiers:\n  t: { requests_per_second: 1, burst: 3 }\n  u: { requests_per_second: 1, burst: 2 }\n";
+    let config = Config::from_yaml(yaml, "test").unwrap();
+    let reloaded = Limiter::from_config(&config, Some(&limiter));
+    assert_eq!(at(&fleet, &reloaded, "acme", "t", NOON).await, Ok(Some(2), None), "changed: starts full");
+    assert_eq!(
+        at(&fleet, &reloaded, "acme", "u", NOON).await,
+        No("requests_per_second", 1),
+        "unchanged: kept"
+    );
+    // An organisation's override: its own limits and state, whatever its keys' tier.
+    for i in 0..100 {
+        assert!(matches!(at(&fleet, &reloaded, "vip", "t", NOON).await, Ok(..)), "vip request {i}");
+    }
+    assert_eq!(at(&fleet, &reloaded, "vip", "t", NOON).await, No("requests_per_second", 1));
+}
+
+/// Three replicas, one limit: what they admit together is what one limiter admits for the
+/// same arrivals — the daily budget exactly, the burst exactly (no refill in the window).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_replicas_admit_together_what_one_would() {
+    let up = Upstream::start().await;
+    let redis = RedisServer::start();
+    let replica = || {
+        Tollgate::builder(&up.url())
+            .section("rate_limits", "{ backend: redis, redis: { url_env: TG_TEST_REDIS_URL } }")
+            .section(
+                "tiers",
+                "{ enterprise: { requests_per_second: 1000 }, burst: { requests_per_second: 1, burst: 10 }, daily: { requests_per_second: 1000, daily_requests: 12 } }",
+            )
+            .env("TG_TEST_REDIS_URL", &redis.url())
+            .start()
+    };
+    let replicas = [replica(), replica(), replica()];
+    let client = h1();
+    for (tier, expect) in [("burst", 10), ("daily", 12)] {
+        let keys: Vec<String> = replicas
+            .iter()
+            .map(|tg| tg.create_key(&["--org", tier, "--tier", tier, "--scope", "inference:read"]))
+            .collect();
+        let started = Instant::now();
+        let mut admitted = 0;
+        let mut remaining = Vec::new();
+        for i in 0..30 {
+            let (tg, key) = (&replicas[i % 3], &keys[i % 3]);
+            let rsp = send(&client, call(tg, "GET", "/v1/models", key, None)).await;
+            if rsp.status() == 200 {
+                admitted += 1;
+                remaining.push(rsp.headers()["x-ratelimit-remaining-requests"].to_str().unwrap().to_string());
+            } else {
+                assert_eq!(rsp.status(), 429);
+                assert!(rsp.headers().contains_key("retry-after"));
+            }
+        }
+        let elapsed = started.elapsed();
+        // The exact model of these arrivals: a burst of 10 refills 1 a second.
+        let refill = if tier == "burst" { usize::try_from(elapsed.as_secs()).unwrap() } else { 0 };
+        assert!(
+            admitted >= expect && admitted <= expect + refill,
+            "{tier}: admitted {admitted} of 30 in {elapsed:?} by three replicas; one limiter admits {expect}"
+        );
+        // The headers count down the fleet's state, not one replica's.
+        let counted: Vec<String> = (0..expect).rev().map(|n| n.to_string()).collect();
+        if tier == "daily" {
+            assert_eq!(remaining, counted, "fleet-wide remaining");
+        }
+    }
+    for tg in &replicas {
+        assert!(tg.metric("tollgate_ratelimit_decisions_total{source=\"redis\"}").await.unwrap() > 0.0);
+        // Refusals already known (the burst's 1 s wait, the budget's until midnight) were
+        // answered without Redis.
+        assert!(tg.metric("tollgate_ratelimit_decisions_total{source=\"local_cache\"}").await.unwrap() > 0.0);
+        assert_eq!(tg.metric("tollgate_ratelimit_backend_up").await, Some(1.0));
+    }
+}
+
+/// Redis unreachable (through a relay of the test's own): each tier answers as its
+/// `on_store_error` (or `on_error`) says, within the timeout; `local` enforces this replica's
+/// share (the tier divided by the two replicas last seen); back, shared limits resume.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn when_redis_fails_each_tier_answers_as_configured_and_shared_limits_resume() {
+    let up = Upstream::start().await;
+    let redis = RedisServer::start();
+    let relay = Relay::start(format!("127.0.0.1:{}", redis.port).parse().unwrap()).await;
+    let url = format!("redis://{}", relay.addr);
+    let replica = || {
+        Tollgate::builder(&up.url())
+            .section("rate_limits", "{ backend: redis, redis: { url_env: TG_TEST_REDIS_URL, timeout: 20ms, on_error: local } }")
+            .section(
+                "tiers",
+                "{ enterprise: { requests_per_second: 1000 }, local: { requests_per_second: 1000, daily_requests: 10 }, open: { requests_per_second: 1, burst: 1, on_store_error: open }, closed: { requests_per_second: 1000, on_store_error: closed } }",
+            )
+            .env("TG_TEST_REDIS_URL", &url)
+            .start()
+    };
+    let (a, _b) = (replica(), replica());
+    let client = h1();
+    let key = |tier: &str| a.create_key(&["--org", tier, "--tier", tier, "--scope", "inference:read"]);
+    let (local, open, closed) = (key("local"), key("open"), key("closed"));
+    assert_eq!(send(&client, call(&a, "GET", "/v1/models", &local, None)).await.status(), 200);
+    // Both replicas announced themselves (every second).
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+
+    relay.set(Mode::Refuse);
+    relay.cut();
+    // local: 10 a day shared by 2 replicas → 5 here (the one admitted before is Redis's).
+    let mut admitted = 0;
+    for _ in 0..20 {
+        let started = Instant::now();
+        let status = send(&client, call(&a, "GET", "/v1/models", &local, None)).await.status();
+        assert!(started.elapsed() < Duration::from_secs(1), "{:?}", started.elapsed());
+        admitted += usize::from(status == 200);
+    }
+    assert_eq!(admitted, 5, "this replica's share of the daily budget");
+    // open: admitted past its limit (1/s, burst 1).
+    for _ in 0..5 {
+        assert_eq!(send(&client, call(&a, "GET", "/v1/models", &open, None)).await.status(), 200);
+    }
+    // closed: 503 `unavailable`, Retry-After 1 (the fault is ours).
+    let started = Instant::now();
+    let (rsp, body) = send_json(&client, call(&a, "GET", "/v1/models", &closed, None)).await;
+    assert_error(&rsp, &body, 503, "unavailable");
+    assert_eq!(rsp.headers()["retry-after"], "1");
+    assert!(started.elapsed() < Duration::from_millis(500), "{:?}", started.elapsed());
+    assert_eq!(a.metric("tollgate_ratelimit_backend_up").await, Some(0.0));
+    for source in ["fallback_local", "fallback_open", "fallback_closed"] {
+        let n = a.metric(&format!("tollgate_ratelimit_decisions_total{{source=\"{source}\"}}")).await;
+        assert!(n.unwrap_or(0.0) > 0.0, "{source}: {n:?}");
+    }
+
+    // Back: the breaker's probe finds Redis, and shared limits resume by themselves (open is
+    // limited again: 1/s, burst 1).
+    relay.set(Mode::Pass);
+    let started = Instant::now();
+    loop {
+        let first = send(&client, call(&a, "GET", "/v1/models", &open, None)).await.status();
+        let second = send(&client, call(&a, "GET", "/v1/models", &open, None)).await.status();
+        if first == 200 && second == 429 {
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(10), "shared limits did not resume");
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+    }
+    assert_eq!(a.metric("tollgate_ratelimit_backend_up").await, Some(1.0));
+    assert!(!a.logs().contains(&url), "the Redis URL is logged");
+}
