@@ -220,7 +220,7 @@ pub async fn send(
     // hyper writes the response's version on the HTTP/1 wire: an HTTP/1.0 upstream must not
     // downgrade the client's connection (HTTP/2 clients ignore it).
     parts.version = Version::HTTP_11;
-    let body = Body::stream(Guarded::new(body, up.idle, None, None));
+    let body = Body::upstream(Guarded::new(body, up.idle, None, None));
     Ok(Sent { response: Response::from_parts(parts, body), upstream_time })
 }
 
