@@ -204,6 +204,8 @@ pub struct Redis {
     /// The longest a decision waits for Redis; then `on_error` decides.
     pub timeout: Duration,
     pub on_error: OnError,
+    /// PEM certificates trusted for `rediss://` instead of the public roots (a private CA).
+    pub ca_file: Option<PathBuf>,
 }
 
 /// What a decision does when Redis fails or is slower than its timeout.

@@ -128,6 +128,7 @@ pub(super) struct RawRedis {
     pub(super) key_prefix: Option<String>,
     pub(super) timeout: Option<serde_yaml_ng::Value>,
     pub(super) on_error: Option<String>,
+    pub(super) ca_file: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -401,7 +401,8 @@ impl Validator {
         let timeout = self.positive_ms("rate_limits.redis.timeout", raw.timeout, 20);
         let on_error =
             self.on_error("rate_limits.redis.on_error", raw.on_error.as_deref()).unwrap_or(OnError::Local);
-        Redis { url_env, key_prefix, timeout, on_error }
+        let ca_file = self.nonempty("rate_limits.redis.ca_file", raw.ca_file).map(PathBuf::from);
+        Redis { url_env, key_prefix, timeout, on_error, ca_file }
     }
 
     fn on_error(&mut self, path: &str, v: Option<&str>) -> Option<OnError> {

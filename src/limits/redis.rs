@@ -92,12 +92,21 @@ impl Fleet {
     /// `new` with the URL given (the value of `url_env`).
     pub fn with_url(url: &str, cfg: &config::Redis, metrics: FleetMetrics) -> Result<Fleet, String> {
         // Not the client's message: it may quote the URL, password included.
-        let client = redis::Client::open(url).map_err(|_| {
+        let bad_url = |_| {
             format!(
                 "rate_limits.redis: ${} is not a valid redis:// or rediss:// URL (redis://[user:password@]host:6379[/db])",
                 cfg.url_env
             )
-        })?;
+        };
+        let client = match &cfg.ca_file {
+            None => redis::Client::open(url).map_err(bad_url)?,
+            Some(path) => {
+                let pem = std::fs::read(path)
+                    .map_err(|e| format!("rate_limits.redis.ca_file: cannot read {}: {e}", path.display()))?;
+                let certs = redis::TlsCertificates { client_tls: None, root_cert: Some(pem) };
+                redis::Client::build_with_tls(url, certs).map_err(bad_url)?
+            }
+        };
         let manager = ConnectionManagerConfig::new()
             .set_response_timeout(Some(cfg.timeout))
             .set_connection_timeout(Some(cfg.timeout.max(Duration::from_millis(250))))

@@ -283,3 +283,118 @@ async fn when_redis_fails_each_tier_answers_as_configured_and_shared_limits_resu
     assert_eq!(a.metric("tollgate_ratelimit_backend_up").await, Some(1.0));
     assert!(!a.logs().contains(&url), "the Redis URL is logged");
 }
+
+/// A replica against `url` (the Redis URL in its environment), with three tiers answering
+/// Redis failures differently.
+fn against(up: &Upstream, url: &str, redis_extra: &str) -> Tollgate {
+    Tollgate::builder(&up.url())
+        .section(
+            "rate_limits",
+            &format!("{{ backend: redis, redis: {{ url_env: TG_TEST_REDIS_URL, timeout: 20ms{redis_extra} }} }}"),
+        )
+        .section("tiers", "{ enterprise: { requests_per_second: 1000 }, closed: { requests_per_second: 1000, on_store_error: closed } }")
+        .env("TG_TEST_REDIS_URL", url)
+        .start()
+}
+
+async fn redis_decisions(tg: &Tollgate) -> f64 {
+    tg.metric("tollgate_ratelimit_decisions_total{source=\"redis\"}").await.unwrap_or(0.0)
+}
+
+/// Password auth and TLS (`rediss://`, a private CA in `ca_file`) work; the password is never
+/// logged, and a wrong one is a Redis failure like any other (503 for a `closed` tier).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn password_auth_and_tls_work_and_the_password_is_never_logged() {
+    let up = Upstream::start().await;
+    let client = h1();
+    let redis = RedisServer::start_with(&["--requirepass", "s3cret-pw"]);
+    let tg = against(&up, &format!("redis://:s3cret-pw@127.0.0.1:{}", redis.port), "");
+    let key = tg.create_key(&["--org", "acme", "--tier", "closed", "--scope", "inference:read"]);
+    assert_eq!(send(&client, call(&tg, "GET", "/v1/models", &key, None)).await.status(), 200);
+    assert!(redis_decisions(&tg).await >= 1.0);
+    let wrong = against(&up, &format!("redis://:wrong-pw@127.0.0.1:{}", redis.port), "");
+    let key = wrong.create_key(&["--org", "acme", "--tier", "closed", "--scope", "inference:read"]);
+    let (rsp, body) = send_json(&client, call(&wrong, "GET", "/v1/models", &key, None)).await;
+    assert_error(&rsp, &body, 503, "unavailable");
+    for t in [&tg, &wrong] {
+        let logs = t.logs();
+        assert!(!logs.contains("s3cret-pw") && !logs.contains("wrong-pw"), "a password is logged");
+    }
+
+    let dir = tempfile::tempdir().unwrap();
+    let ck = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
+    let (cert, key_file) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+    std::fs::write(&cert, ck.cert.pem()).unwrap();
+    std::fs::write(&key_file, ck.key_pair.serialize_pem()).unwrap();
+    let tls = RedisServer::start_with(&[
+        "--tls-port",
+        "--tls-cert-file",
+        cert.to_str().unwrap(),
+        "--tls-key-file",
+        key_file.to_str().unwrap(),
+        "--tls-auth-clients",
+        "no",
+    ]);
+    let tg = against(
+        &up,
+        &format!("rediss://localhost:{}", tls.port),
+        &format!(", ca_file: \"{}\"", cert.display()),
+    );
+    let key = tg.create_key(&["--org", "acme", "--tier", "closed", "--scope", "inference:read"]);
+    assert_eq!(
+        send(&client, call(&tg, "GET", "/v1/models", &key, None)).await.status(),
+        200,
+        "{}",
+        tg.logs()
+    );
+    assert!(redis_decisions(&tg).await >= 1.0, "decided by Redis over TLS");
+    // Without the CA, the server's certificate is not trusted: a failure, not a silent pass.
+    let untrusted = against(&up, &format!("rediss://localhost:{}", tls.port), "");
+    let key = untrusted.create_key(&["--org", "acme", "--tier", "closed", "--scope", "inference:read"]);
+    let (rsp, body) = send_json(&client, call(&untrusted, "GET", "/v1/models", &key, None)).await;
+    assert_error(&rsp, &body, 503, "unavailable");
+}
+
+/// Redis slower than the timeout (`DEBUG SLEEP`), then refusing writes while `PING` still
+/// answers (`CLIENT PAUSE … WRITE`): every decision comes within the timeout (plus margin) as
+/// `on_store_error` says, the breaker's probe is the decision script (so a live `PING` does
+/// not end the fallback early), and shared limits resume by themselves after each.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_or_write_paused_redis_gets_the_fallback_within_the_timeout() {
+    let up = Upstream::start().await;
+    let redis = RedisServer::start();
+    let tg = against(&up, &redis.url(), "");
+    let client = h1();
+    let key = tg.create_key(&["--org", "acme", "--tier", "closed", "--scope", "inference:read"]);
+    assert_eq!(send(&client, call(&tg, "GET", "/v1/models", &key, None)).await.status(), 200);
+
+    for fault in [&["DEBUG", "SLEEP", "2"][..], &["CLIENT", "PAUSE", "2000", "WRITE"][..]] {
+        let port = redis.port;
+        let args: Vec<String> = fault.iter().map(|a| a.to_string()).collect();
+        let cli = std::thread::spawn(move || {
+            std::process::Command::new("redis-cli")
+                .args(["-p", &port.to_string()])
+                .args(&args)
+                .output()
+                .unwrap()
+        });
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        if fault[0] == "CLIENT" {
+            assert_eq!(redis.cli(&["PING"]), "PONG", "PING answers while writes are paused");
+        }
+        for _ in 0..5 {
+            let started = Instant::now();
+            let (rsp, body) = send_json(&client, call(&tg, "GET", "/v1/models", &key, None)).await;
+            assert_error(&rsp, &body, 503, "unavailable");
+            assert!(started.elapsed() < Duration::from_millis(300), "{fault:?}: {:?}", started.elapsed());
+        }
+        cli.join().unwrap();
+        let before = redis_decisions(&tg).await;
+        let started = Instant::now();
+        while send(&client, call(&tg, "GET", "/v1/models", &key, None)).await.status() != 200 {
+            assert!(started.elapsed() < Duration::from_secs(10), "{fault:?}: shared limits did not resume");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert!(redis_decisions(&tg).await > before, "{fault:?}: decided by Redis again");
+    }
+}

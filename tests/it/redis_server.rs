@@ -12,9 +12,23 @@ pub struct RedisServer {
 
 impl RedisServer {
     pub fn start() -> RedisServer {
+        RedisServer::start_with(&[])
+    }
+
+    /// With extra arguments (`--requirepass`, TLS). With `--tls-port`, `port` is the TLS port.
+    pub fn start_with(extra: &[&str]) -> RedisServer {
         let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let tls = extra.contains(&"--tls-port");
+        let port_args: Vec<String> = if tls {
+            vec!["--port".into(), "0".into(), "--tls-port".into(), port.to_string()]
+        } else {
+            vec!["--port".into(), port.to_string()]
+        };
+        let extra: Vec<&str> = extra.iter().copied().filter(|a| *a != "--tls-port").collect();
         let child = Command::new("redis-server")
-            .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .args(&port_args)
+            .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--enable-debug-command", "yes"])
+            .args(&extra)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
