@@ -10,6 +10,7 @@ import os
 import pathlib
 import shutil
 import subprocess
+import sys
 import tempfile
 
 import helm_python as helm
@@ -21,7 +22,8 @@ ROOT = pathlib.Path(__file__).resolve().parents[2]
 CHART = ROOT / "helm" / "tollgate"
 KUBE_VERSION = "1.30.0"
 TOLLGATE = os.environ.get("TOLLGATE_BIN", str(ROOT / "target" / "debug" / "tollgate"))
-BIN = pathlib.Path(os.environ.get("VIRTUAL_ENV", ROOT / ".venv")) / "bin"
+# kubectl is installed beside the Python running the tests (.ci/test: .venv/bin).
+BIN = pathlib.Path(os.environ["VIRTUAL_ENV"]) / "bin" if "VIRTUAL_ENV" in os.environ else pathlib.Path(sys.executable).parent
 
 VARIANT = {
     "sidecar": {"native": True},
@@ -41,15 +43,34 @@ FLEET = {
     "tollgate": {"store": {"postgres": {"enabled": True, "existingSecret": "tollgate-postgres"}}},
 }
 FLEET_HPA = {**FLEET, "autoscaling": {"enabled": True}, "podDisruptionBudget": {"enabled": True}}
+# ... and one set of rate limits in Redis, with the user's own rate_limits fields beside it.
+FLEET_REDIS = {
+    "replicaCount": 3,
+    "tollgate": {
+        "store": {"postgres": {"enabled": True, "existingSecret": "tollgate-postgres"}},
+        "rateLimits": {"redis": {"enabled": True, "existingSecret": "tollgate-redis"}},
+        "config": {
+            "rate_limits": {"per": "key", "overrides": {"orgs": {"acme": {"requests_per_second": 500, "burst": 2000}}}},
+            "tiers": {
+                "audit": {"requests_per_second": 50, "burst": 200, "daily_requests": 100000, "on_store_error": "closed"},
+                "enterprise": {"requests_per_second": 1000, "burst": 4000},
+            },
+        },
+    },
+}
 
-ALL_VALUES = [None, VARIANT, FLEET, FLEET_HPA]
-ALL_IDS = ["defaults", "native-sidecar-tls-monitors", "fleet-postgres", "fleet-postgres-hpa"]
+ALL_VALUES = [None, VARIANT, FLEET, FLEET_HPA, FLEET_REDIS]
+ALL_IDS = ["defaults", "native-sidecar-tls-monitors", "fleet-postgres", "fleet-postgres-hpa", "fleet-redis"]
+
+
+def render_files(values=None):
+    chart = helm.Chart.load(str(CHART))
+    chart.validate_schema(values)
+    return chart.render(values, name="demo", namespace="ml", is_install=True)
 
 
 def render(values=None):
-    chart = helm.Chart.load(str(CHART))
-    chart.validate_schema(values)
-    out = chart.render(values, name="demo", namespace="ml", is_install=True)
+    out = render_files(values)
     objects = []
     for path, text in out.items():
         if path.endswith(".txt"):
@@ -150,8 +171,8 @@ def test_native_sidecar_and_variant_objects():
 
 @pytest.mark.parametrize(
     "values",
-    [None, VARIANT, FLEET],
-    ids=["defaults", "native-sidecar-tls-monitors", "fleet-postgres"],
+    [None, VARIANT, FLEET, FLEET_REDIS],
+    ids=["defaults", "native-sidecar-tls-monitors", "fleet-postgres", "fleet-redis"],
 )
 def test_rendered_config_passes_tollgate_check(values):
     objects = render(values)
@@ -243,6 +264,103 @@ def test_fleet_postgres_with_autoscaling():
     by_kind(objects, "PodDisruptionBudget")
 
 
+def test_fleet_redis_rate_limits():
+    objects = render(FLEET_REDIS)
+    validate_all(objects)
+    # Both configs name the variable, never hold the URL; the user's rate_limits fields survive.
+    for name in ("demo-tollgate", "demo-tollgate-check"):
+        config = rendered_config(objects, name)
+        assert config["rate_limits"] == {
+            "backend": "redis",
+            "redis": {"url_env": "TOLLGATE_REDIS_URL", "key_prefix": "tollgate:", "timeout": "20ms", "on_error": "local"},
+            "per": "key",
+            "overrides": {"orgs": {"acme": {"requests_per_second": 500, "burst": 2000}}},
+        }
+        assert config["tiers"]["audit"]["on_store_error"] == "closed"
+        assert config["store"]["postgres"]["url_env"] == "TOLLGATE_POSTGRES_URL"
+    for cm in by_kind(objects, "ConfigMap"):
+        assert "redis://" not in cm["data"]["config.yaml"]
+    (deployment,) = by_kind(objects, "Deployment")
+    c, _ = tollgate_container(deployment)
+    env = {e["name"]: e for e in c["env"]}
+    assert env["TOLLGATE_REDIS_URL"] == {
+        "name": "TOLLGATE_REDIS_URL",
+        "valueFrom": {"secretKeyRef": {"name": "tollgate-redis", "key": "url"}},
+    }
+    assert env["TOLLGATE_POSTGRES_URL"]["valueFrom"]["secretKeyRef"] == {"name": "tollgate-postgres", "key": "url"}
+    # The check Job runs with the same variables set.
+    (job,) = by_kind(objects, "Job")
+    job_env = {e["name"]: e for e in job["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert job_env == {k: env[k] for k in ("TOLLGATE_POSTGRES_URL", "TOLLGATE_REDIS_URL")}
+
+
+def test_redis_values_reach_the_config():
+    # Redis without PostgreSQL (one replica, SQLite) and with a native sidecar: the same variable.
+    values = {
+        "sidecar": {"native": True},
+        "tollgate": {
+            "rateLimits": {
+                "redis": {
+                    "enabled": True,
+                    "existingSecret": "cache",
+                    "key": "redis-url",
+                    "keyPrefix": "tg-prod:",
+                    "timeout": "50ms",
+                    "onError": "closed",
+                }
+            },
+            "config": {"rate_limits": {"per": "key"}},
+        },
+    }
+    objects = render(values)
+    validate_all(objects)
+    config = rendered_config(objects)
+    assert config["rate_limits"] == {
+        "per": "key",
+        "backend": "redis",
+        "redis": {"url_env": "TOLLGATE_REDIS_URL", "key_prefix": "tg-prod:", "timeout": "50ms", "on_error": "closed"},
+    }
+    assert config["store"] == {"sqlite": "/var/lib/tollgate/tollgate.db"}
+    check_config(by_kind(objects, "ConfigMap", "demo-tollgate")[0]["data"]["config.yaml"])
+    (deployment,) = by_kind(objects, "Deployment")
+    c, _ = tollgate_container(deployment)
+    env = {e["name"]: e for e in c["env"]}
+    assert env["TOLLGATE_REDIS_URL"]["valueFrom"]["secretKeyRef"] == {"name": "cache", "key": "redis-url"}
+    assert "TOLLGATE_POSTGRES_URL" not in env
+    (job,) = by_kind(objects, "Job")
+    job_env = job["spec"]["template"]["spec"]["containers"][0]["env"]
+    assert job_env == [env["TOLLGATE_REDIS_URL"]]
+
+
+def test_without_redis_the_config_keeps_local_limits():
+    for values in (None, FLEET):
+        objects = render(values)
+        config = rendered_config(objects)
+        assert config["rate_limits"] == {"per": "org"}, "backend local (the default), no redis section"
+        (deployment,) = by_kind(objects, "Deployment")
+        c, _ = tollgate_container(deployment)
+        assert "TOLLGATE_REDIS_URL" not in {e["name"] for e in c["env"]}
+
+
+def test_redis_without_secret_fails_to_render():
+    with pytest.raises(helm.HelmError, match=r"tollgate\.rateLimits\.redis\.existingSecret"):
+        render({"tollgate": {"rateLimits": {"redis": {"enabled": True}}}})
+
+
+def notes(values):
+    return render_files(values)["tollgate/templates/NOTES.txt"]
+
+
+def test_notes_warn_of_per_replica_limits_without_redis():
+    # Many replicas without Redis: allowed (it renders), and NOTES says what it means.
+    text = notes(FLEET)
+    assert "WARNING: rate limits are per replica" in text
+    assert "up to 3 times a tier's limits" in text and "tollgate.rateLimits.redis" in text
+    assert "up to 8 times" in notes(FLEET_HPA), "the HPA's maxReplicas"
+    for values in (None, FLEET_REDIS, {**FLEET_HPA, "tollgate": FLEET_REDIS["tollgate"]}):
+        assert "WARNING" not in notes(values)
+
+
 @pytest.mark.parametrize(
     "values",
     [
@@ -275,6 +393,15 @@ def test_schema_rejects_bad_values():
         {"tollgate": {"store": {"postgres": {"connectTimeout": "fast"}}}},
         # The URL belongs in the Secret, never in values (nor the ConfigMap).
         {"tollgate": {"store": {"postgres": {"url": "postgres://u:p@db:5432/t"}}}},
+        {"tollgate": {"rateLimits": {"redis": {"onError": "maybe"}}}},
+        {"tollgate": {"rateLimits": {"redis": {"timeout": "fast"}}}},
+        {"tollgate": {"rateLimits": {"redis": {"timeout": "0ms"}}}},
+        {"tollgate": {"rateLimits": {"redis": {"keyPrefix": "{tg}:"}}}},
+        {"tollgate": {"rateLimits": {"redis": {"url": "redis://:p@redis:6379"}}}},
+        {"tollgate": {"config": {"tiers": {"gold": {"requests_per_second": 1, "on_store_error": "maybe"}}}}},
+        # backend and redis are the chart's (from tollgate.rateLimits.redis, with the Secret).
+        {"tollgate": {"config": {"rate_limits": {"backend": "redis"}}}},
+        {"tollgate": {"config": {"rate_limits": {"redis": {"url_env": "X"}}}}},
     ):
         with pytest.raises(helm.HelmError):
             chart.validate_schema(bad)
@@ -320,13 +447,22 @@ def test_fleet_manifest_shares_postgres():
     c, spec = tollgate_container(deployment)
     env = {e["name"]: e for e in c["env"]}
     assert env["TOLLGATE_POSTGRES_URL"]["valueFrom"]["secretKeyRef"] == {"name": "tollgate-postgres", "key": "url"}
+    assert env["TOLLGATE_REDIS_URL"]["valueFrom"]["secretKeyRef"] == {"name": "tollgate-redis", "key": "url"}
     (cm,) = by_kind(objects, "ConfigMap")
     text = cm["data"]["config.yaml"]
     config = yaml.safe_load(text)
     assert config["store"] == {
         "postgres": {"url_env": "TOLLGATE_POSTGRES_URL", "pool_size": 8, "connect_timeout": "2s", "statement_timeout": "2s"}
     }
-    assert "postgres://" not in text
+    # One limit for the fleet, not one per replica.
+    assert config["rate_limits"]["backend"] == "redis"
+    assert config["rate_limits"]["redis"]["url_env"] == "TOLLGATE_REDIS_URL"
+    assert "postgres://" not in text and "redis://" not in text
+    # The kustomization's instructions create exactly the Secrets the pod reads.
+    comment = (ROOT / "deploy/kubernetes/fleet-postgres/kustomization.yaml").read_text()
+    for e in (env["TOLLGATE_POSTGRES_URL"], env["TOLLGATE_REDIS_URL"]):
+        ref = e["valueFrom"]["secretKeyRef"]
+        assert f"kubectl create secret generic {ref['name']}" in comment and f"--from-literal={ref['key']}=" in comment
     assert not [o for o in objects if o["kind"] in ("PersistentVolumeClaim", "Secret")]
     assert [v["name"] for v in spec["volumes"]] == ["config"]
     assert [m["mountPath"] for m in c["volumeMounts"]] == ["/etc/tollgate/conf"]

@@ -43,6 +43,15 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
 {{- else -}}
 {{- $_ := set $c "store" (dict "sqlite" "/var/lib/tollgate/tollgate.db") -}}
 {{- end -}}
+{{- $rd := .Values.tollgate.rateLimits.redis -}}
+{{- if $rd.enabled -}}
+{{- /* One limit for every replica. The user's other rate_limits fields (per, overrides) stay;
+       backend and redis belong to the chart (the schema refuses them in tollgate.config). */ -}}
+{{- $rl := deepCopy (default (dict) $c.rate_limits) -}}
+{{- $_ := set $rl "backend" "redis" -}}
+{{- $_ := set $rl "redis" (dict "url_env" "TOLLGATE_REDIS_URL" "key_prefix" $rd.keyPrefix "timeout" $rd.timeout "on_error" $rd.onError) -}}
+{{- $_ := set $c "rate_limits" $rl -}}
+{{- end -}}
 {{- $sd := .Values.tollgate.shutdown -}}
 {{- $_ := set $c "shutdown" (dict "drain_delay" (printf "%vs" $sd.drainDelaySeconds) "timeout" (printf "%vs" $sd.timeoutSeconds)) -}}
 {{- if .Values.tollgate.tls.enabled -}}
@@ -64,6 +73,24 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
 {{- else if not $pg.existingSecret -}}
 {{- fail (printf "tollgate.store.postgres.enabled needs tollgate.store.postgres.existingSecret: the name of a Secret holding the PostgreSQL URL (postgres://user:password@host:5432/db) under the key %q (tollgate.store.postgres.key). The URL is never put in the ConfigMap." $pg.key) -}}
 {{- end -}}
+{{- $rd := .Values.tollgate.rateLimits.redis -}}
+{{- if and $rd.enabled (not $rd.existingSecret) -}}
+{{- fail (printf "tollgate.rateLimits.redis.enabled needs tollgate.rateLimits.redis.existingSecret: the name of a Secret holding the Redis URL (redis://[user:password@]host:6379[/db], or rediss:// for TLS) under the key %q (tollgate.rateLimits.redis.key). The URL is never put in the ConfigMap." $rd.key) -}}
+{{- end -}}
+{{- end -}}
+
+{{/* How many replicas (at most) enforce limits locally, when more than one: each admits a whole
+     tier. Empty with Redis or one replica. */}}
+{{- define "tollgate.limitsPerReplica" -}}
+{{- if not .Values.tollgate.rateLimits.redis.enabled -}}
+{{- if .Values.autoscaling.enabled -}}
+{{- if gt (int .Values.autoscaling.maxReplicas) 1 -}}
+{{- printf "%v" .Values.autoscaling.maxReplicas -}}
+{{- end -}}
+{{- else if gt (int .Values.replicaCount) 1 -}}
+{{- printf "%v" .Values.replicaCount -}}
+{{- end -}}
+{{- end -}}
 {{- end -}}
 
 {{/* Long enough for preStop, the drain delay, in-flight requests, and a margin. */}}
@@ -72,16 +99,25 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
 {{- add $sd.preStopSeconds $sd.drainDelaySeconds $sd.timeoutSeconds 10 -}}
 {{- end -}}
 
-{{/* The PostgreSQL URL, from its Secret, in the variable the config names (store.postgres.url_env). */}}
-{{- define "tollgate.postgresEnv" -}}
+{{/* The store URLs, from their Secrets, in the variables the config names
+     (store.postgres.url_env, rate_limits.redis.url_env): the server's and the check Job's. */}}
+{{- define "tollgate.secretEnv" -}}
 {{- $pg := .Values.tollgate.store.postgres -}}
-{{- if $pg.enabled -}}
+{{- $rd := .Values.tollgate.rateLimits.redis -}}
+{{- if $pg.enabled }}
 - name: TOLLGATE_POSTGRES_URL
   valueFrom:
     secretKeyRef:
       name: {{ $pg.existingSecret }}
       key: {{ $pg.key }}
-{{- end -}}
+{{- end }}
+{{- if $rd.enabled }}
+- name: TOLLGATE_REDIS_URL
+  valueFrom:
+    secretKeyRef:
+      name: {{ $rd.existingSecret }}
+      key: {{ $rd.key }}
+{{- end }}
 {{- end -}}
 
 {{- define "tollgate.container" -}}
@@ -99,7 +135,9 @@ env:
         name: {{ .Values.tollgate.upstreamApiKey.existingSecret }}
         key: {{ .Values.tollgate.upstreamApiKey.key }}
   {{- end }}
-  {{- include "tollgate.postgresEnv" . | nindent 2 }}
+  {{- with include "tollgate.secretEnv" . | trim }}
+  {{- . | nindent 2 }}
+  {{- end }}
   {{- with .Values.tollgate.env }}
   {{- toYaml . | nindent 2 }}
   {{- end }}
