@@ -22,12 +22,14 @@ pub async fn maintain_keys(auth: Arc<Authenticator>, state: Arc<State>) {
         state.metrics.key_change_lag.observe(ms as f64 / 1000.0);
     };
     let mut pushed = auth.store().subscribe();
-    // From now: the cache is empty, nothing before can be stale in it.
+    // From now: the cache is empty, nothing before can be stale in it. If the store cannot say
+    // where "now" is, from the beginning (cursor 0, for every backend): a change made while it
+    // was unreachable must not be skipped (each change is applied once either way).
     let mut cursor = match auth.poll_changes(None, lag).await {
         Ok(c) => Some(c),
         Err(e) => {
-            tracing::warn!(error = %e, "cannot read the key store's change position");
-            None
+            tracing::warn!(error = %e, "cannot read the key store's change position; reading every change once it answers");
+            Some(0)
         }
     };
     let mut last_flush = Instant::now();

@@ -35,7 +35,7 @@ pub struct Change {
 
 /// A position in the store's history of changes, from which the next poll reads on. What it
 /// counts is the backend's business (SQLite: a time in milliseconds; PostgreSQL: a
-/// transaction id).
+/// transaction id); 0 is the beginning for every backend.
 pub type Cursor = i64;
 
 /// What a backend pushes (`KeyUpkeep::subscribe`).

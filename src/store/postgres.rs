@@ -47,8 +47,10 @@ const BACKOFF_MAX: Duration = Duration::from_millis(500);
 
 pub struct PostgresStore {
     pool: PgPool,
-    /// For the listener: its own single connection, so it never takes one of `pool_size`.
-    listen_pool: PgPool,
+    /// For the listener: a connection of its own (never one of `pool_size`), from a pool of one
+    /// made afresh for each attempt — a pool kept would hand back the dead connection it
+    /// holds, and its liveness check on a half-open socket never returns.
+    listen: (PgConnectOptions, Duration),
     /// The bound on a lookup (`connect_timeout`) and on every other call (plus
     /// `statement_timeout`).
     lookup_bound: Duration,
@@ -102,13 +104,9 @@ impl PostgresStore {
             .max_connections(cfg.pool_size)
             .acquire_timeout(cfg.connect_timeout)
             .connect_lazy_with(opts.clone());
-        let listen_pool = PgPoolOptions::new()
-            .max_connections(1)
-            .acquire_timeout(cfg.connect_timeout)
-            .connect_lazy_with(opts);
         let store = PostgresStore {
             pool,
-            listen_pool,
+            listen: (opts, cfg.connect_timeout),
             lookup_bound: cfg.connect_timeout,
             bound: cfg.connect_timeout + cfg.statement_timeout,
             feed_started: Mutex::new(false),
@@ -298,7 +296,7 @@ impl KeyUpkeep for PostgresStore {
         }
         *started = true;
         let (tx, rx) = mpsc::channel(1024);
-        tokio::spawn(feed(self.listen_pool.clone(), tx));
+        tokio::spawn(feed(self.listen.clone(), tx));
         Some(rx)
     }
 
@@ -410,9 +408,14 @@ fn parse(payload: &str) -> Option<Change> {
 
 /// The push feed: listens, forwards each change, probes a quiet connection, and on any failure
 /// reconnects with back-off and says `Gap`. Ends when nobody receives any more.
-async fn feed(pool: PgPool, tx: mpsc::Sender<Pushed>) {
+async fn feed((opts, connect_timeout): (PgConnectOptions, Duration), tx: mpsc::Sender<Pushed>) {
     let mut backoff = BACKOFF_MIN;
     loop {
+        let pool = PgPoolOptions::new()
+            .max_connections(1)
+            .acquire_timeout(connect_timeout)
+            .test_before_acquire(false)
+            .connect_lazy_with(opts.clone());
         match listen(&pool, &tx, &mut backoff).await {
             // The receiver is gone.
             Ok(()) => return,
@@ -441,6 +444,7 @@ async fn listen(pool: &PgPool, tx: &mpsc::Sender<Pushed>, backoff: &mut Duration
     .map_err(|_| "no answer while connecting".to_string())?
     .map_err(|e| e.to_string())?;
     *backoff = BACKOFF_MIN;
+    tracing::debug!("listening for key changes (PostgreSQL NOTIFY)");
     // Anything may have changed while no one listened (or before the first LISTEN).
     if tx.send(Pushed::Gap).await.is_err() {
         return Ok(());

@@ -29,7 +29,16 @@ async fn until_status(
         if models(client, tg, key).await == want {
             return start.elapsed();
         }
-        assert!(start.elapsed() < within, "{} never answered {want} within {within:?}", tg.addr);
+        if start.elapsed() >= within {
+            let logs = tg.logs();
+            let tail: Vec<&str> =
+                logs.lines().filter(|l| !l.contains("\"target\":\"access\"")).rev().take(40).collect();
+            panic!(
+                "{} never answered {want} within {within:?}; its last log lines:\n{}",
+                tg.addr,
+                tail.join("\n")
+            );
+        }
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
 }
@@ -219,6 +228,8 @@ async fn a_half_open_feed_is_probed_and_replaced() {
     let client = h1();
     let id = tg.key.split('_').nth(1).unwrap().to_string();
     assert_eq!(models(&client, &tg, &tg.key).await, 200);
+    // The feed's connection must exist to be frozen.
+    assert!(tg.wait_log("listening for key changes", Duration::from_secs(10)).await);
     relay.freeze();
     let started = Instant::now();
     let out = tg.keys(&["revoke", &id]);
