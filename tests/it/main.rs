@@ -17,5 +17,6 @@ mod ratelimit;
 mod relay;
 mod sdk;
 mod store;
+mod store_copy;
 mod streaming;
 mod tls;
