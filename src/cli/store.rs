@@ -32,6 +32,9 @@ pub(super) fn run(command: StoreCommand) -> Result<ExitCode, String> {
     // Both configs first: a mistake in either is reported before any store is touched.
     let from = Config::load(&from_config).map_err(|e| format!("--from-config: {e}"))?;
     let to = Config::load(&to_config).map_err(|e| format!("--to-config: {e}"))?;
+    for w in mismatches(&from, &to) {
+        eprintln!("tollgate: warning: {w}");
+    }
     // Diagnostics go to stderr: stdout carries only the summary.
     tracing_subscriber::fmt().with_writer(std::io::stderr).with_env_filter(EnvFilter::new("warn")).init();
     let runtime = tokio::runtime::Builder::new_current_thread()
@@ -110,6 +113,29 @@ fn same_store(a: &config::Store, b: &config::Store) -> bool {
     }
 }
 
+/// Settings of the two configs that would make the copied keys fail under the new one: a
+/// token carries its prefix, and a deployment's workspace refuses keys of any other. Warned
+/// of, not refused: the operator may mean it (a new workspace, say).
+fn mismatches(from: &Config, to: &Config) -> Vec<String> {
+    let mut out = Vec::new();
+    let (a, b) = (&from.auth, &to.auth);
+    if a.key_prefix != b.key_prefix {
+        out.push(format!(
+            "auth.key_prefix differs (`{}` → `{}`): tokens issued under the old one will not verify \
+             under the new config",
+            a.key_prefix, b.key_prefix
+        ));
+    }
+    if b.workspace.is_some() && a.workspace != b.workspace {
+        out.push(format!(
+            "auth.workspace differs ({} → {}): the new config refuses keys of any other workspace",
+            a.workspace.as_deref().unwrap_or("none"),
+            b.workspace.as_deref().unwrap_or("none")
+        ));
+    }
+    out
+}
+
 /// The summary on stdout, one line per kind, stable for scripts.
 fn summary(from: &config::Store, to: &config::Store, r: &CopyReport) -> String {
     let mut events = format!("events: {} copied, {} already present", r.events_copied, r.events_present);
@@ -124,4 +150,22 @@ fn summary(from: &config::Store, to: &config::Store, r: &CopyReport) -> String {
         r.keys_present,
         r.conflicts.len()
     )
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_changed_prefix_or_workspace_is_warned_of() {
+        let cfg = |auth: &str| Config::from_yaml(&format!("auth: {auth}\n"), "t").unwrap();
+        assert!(mismatches(&cfg("{}"), &cfg("{}")).is_empty());
+        let w = mismatches(&cfg("{}"), &cfg("{ key_prefix: acme }"));
+        assert!(w.len() == 1 && w[0].starts_with("auth.key_prefix differs (`tg` → `acme`)"), "{w:?}");
+        let w = mismatches(&cfg("{}"), &cfg("{ workspace: prod }"));
+        assert!(w.len() == 1 && w[0].starts_with("auth.workspace differs (none → prod)"), "{w:?}");
+        // Dropping a workspace restriction refuses nothing.
+        assert!(mismatches(&cfg("{ workspace: prod }"), &cfg("{}")).is_empty());
+    }
 }
