@@ -1,8 +1,9 @@
-//! The `tollgate` command line: `serve`, `check`, `keys …` (`keys.rs`). The binary's `main` is
-//! this module's `main`: `run()` → `ExitCode`, every error printed once, on stderr, with its
-//! cause.
+//! The `tollgate` command line: `serve`, `check`, `keys …` (`keys.rs`), `store copy`
+//! (`store.rs`). The binary's `main` is this module's `main`: `run()` → `ExitCode`, every error
+//! printed once, on stderr, with its cause.
 
 mod keys;
+mod store;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -14,6 +15,7 @@ use tracing_subscriber::{reload, EnvFilter, Layer};
 
 use crate::config::{Config, LogFormat};
 use keys::KeysCommand;
+use store::StoreCommand;
 
 #[derive(Parser)]
 #[command(
@@ -47,6 +49,11 @@ enum Command {
         #[command(subcommand)]
         command: KeysCommand,
     },
+    /// Work on whole key stores: `store copy` moves every key and audit event into another.
+    Store {
+        #[command(subcommand)]
+        command: StoreCommand,
+    },
 }
 
 pub fn main() -> ExitCode {
@@ -65,6 +72,7 @@ fn run() -> Result<ExitCode, String> {
         Command::Check { config } => Ok(check(&config)),
         Command::Serve { config } => serve(config),
         Command::Keys { config, command } => keys::run(config, command),
+        Command::Store { command } => store::run(command),
     }
 }
 

@@ -79,8 +79,9 @@ impl KeyRecord {
     }
 }
 
-/// One audit record: who did what to which key, when.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// One audit record: who did what to which key, when. `Hash`: a copy counts events alike in
+/// every field (`store::copy`).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct AuditEvent {
     pub key_id: String,
     pub org: String,

@@ -5,6 +5,7 @@
 //! replica, §11); their schema migrations are versioned `.sql` files under `migrations/`.
 //! `observed` wraps either with the store metrics.
 
+mod copy;
 pub mod observed;
 pub mod postgres;
 mod rows;
@@ -100,10 +101,67 @@ pub trait KeyUpkeep: Send + Sync {
     async fn purge(&self, before_ms: i64, now_ms: i64) -> Result<Vec<String>, StoreError>;
 }
 
-/// A whole store.
-pub trait KeyStore: KeyLookup + KeyAdmin + KeyUpkeep {}
+/// A key as stored: its record and the stamp of its latest change (`updated_at`), which a copy
+/// carries over with it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredKey {
+    pub record: KeyRecord,
+    pub updated_at: i64,
+}
 
-impl<T: KeyLookup + KeyAdmin + KeyUpkeep> KeyStore for T {}
+/// Everything a store holds, as one consistent snapshot: every key, and every audit event in
+/// the order it was written (those of purged keys too).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Export {
+    pub keys: Vec<StoredKey>,
+    pub events: Vec<AuditEvent>,
+}
+
+/// What one `KeyCopy::import` did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CopyReport {
+    pub keys_copied: usize,
+    /// Already in the target, the same record.
+    pub keys_present: usize,
+    /// Already in the target with a different record: left as it is.
+    pub conflicts: Vec<KeyConflict>,
+    pub events_copied: usize,
+    pub events_present: usize,
+}
+
+impl CopyReport {
+    /// Events of conflicting keys that were not copied (see `copy::plan`).
+    pub fn events_skipped(&self) -> usize {
+        self.conflicts.iter().map(|c| c.events_skipped).sum()
+    }
+}
+
+/// A key whose id the target already has, with another record.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyConflict {
+    pub id: String,
+    /// The fields that differ (names only, never values: one may be the hash).
+    pub fields: Vec<&'static str>,
+    /// The key's audit events the target lacks, not copied.
+    pub events_skipped: usize,
+}
+
+/// Moving a whole store into another (`tollgate store copy`, typically SQLite → PostgreSQL).
+#[async_trait::async_trait]
+pub trait KeyCopy: Send + Sync {
+    /// Every key and every audit event, read in one transaction.
+    async fn export(&self) -> Result<Export, StoreError>;
+    /// Adds what this store lacks of `keys` and `events` (events oldest first), in one
+    /// transaction that no other import runs beside, so that importing the same twice adds
+    /// nothing the second time. Keys are inserted as any new key is, so running replicas hear
+    /// of them as of any other change. What counts as already present: `copy::plan`.
+    async fn import(&self, keys: &[StoredKey], events: &[AuditEvent]) -> Result<CopyReport, StoreError>;
+}
+
+/// A whole store.
+pub trait KeyStore: KeyLookup + KeyAdmin + KeyUpkeep + KeyCopy {}
+
+impl<T: KeyLookup + KeyAdmin + KeyUpkeep + KeyCopy> KeyStore for T {}
 
 /// Opens the configured store and applies its schema migrations. Errors name the store
 /// (never its URL).

@@ -4,7 +4,10 @@
 
 use prometheus::{IntCounterVec, IntGauge};
 
-use super::{Change, Cursor, KeyAdmin, KeyLookup, KeyStore, KeyUpkeep, Pushed, StoreError};
+use super::{
+    Change, CopyReport, Cursor, Export, KeyAdmin, KeyCopy, KeyLookup, KeyStore, KeyUpkeep, Pushed,
+    StoreError, StoredKey,
+};
 use crate::keys::record::{AuditEvent, KeyRecord};
 
 pub struct Observed {
@@ -79,5 +82,15 @@ impl KeyUpkeep for Observed {
     }
     async fn purge(&self, before_ms: i64, now_ms: i64) -> Result<Vec<String>, StoreError> {
         self.note("purge", self.inner.purge(before_ms, now_ms).await)
+    }
+}
+
+#[async_trait::async_trait]
+impl KeyCopy for Observed {
+    async fn export(&self) -> Result<Export, StoreError> {
+        self.note("export", self.inner.export().await)
+    }
+    async fn import(&self, keys: &[StoredKey], events: &[AuditEvent]) -> Result<CopyReport, StoreError> {
+        self.note("import", self.inner.import(keys, events).await)
     }
 }

@@ -21,8 +21,11 @@ use sqlx::postgres::{PgConnectOptions, PgListener, PgPool, PgPoolOptions};
 use sqlx::Row;
 use tokio::sync::mpsc;
 
-use super::rows::{event, record};
-use super::{Change, Cursor, KeyAdmin, KeyLookup, KeyUpkeep, Pushed, StoreError};
+use super::rows::{event, record, stored_key};
+use super::{
+    copy, Change, CopyReport, Cursor, Export, KeyAdmin, KeyCopy, KeyLookup, KeyUpkeep, Pushed, StoreError,
+    StoredKey,
+};
 use crate::config;
 use crate::keys::record::{AuditEvent, KeyRecord};
 
@@ -32,6 +35,10 @@ const MIGRATIONS: &[&str] = &[include_str!("migrations/postgres/0001_init.sql")]
 
 /// The advisory lock migrations hold (any constant unlikely to clash with another user's).
 const MIGRATION_LOCK: i64 = 0x746f_6c6c_6761_7465; // "tollgate"
+
+/// The advisory lock an import holds: two imports side by side would each find an event
+/// missing and both add it.
+const IMPORT_LOCK: i64 = 0x746f_6c6c_636f_7079; // "tollcopy"
 
 /// The channel the trigger notifies.
 const CHANNEL: &str = "tollgate_keys";
@@ -167,6 +174,47 @@ async fn append(conn: &mut sqlx::PgConnection, e: &AuditEvent) -> Result<(), sql
         .map(|_| ())
 }
 
+/// Inserts a key record as it is, with the stamp of its latest change. The trigger stamps the
+/// transaction and notifies the replicas.
+async fn insert_key(
+    conn: &mut sqlx::PgConnection,
+    r: &KeyRecord,
+    updated_at: i64,
+) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "INSERT INTO keys (id, name, org, workspace, tier, scopes, secret_hash, created_at, expires_at, \
+         last_used_at, revoked_at, revoked_by, rotated_from, updated_at) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)",
+    )
+    .bind(&r.id)
+    .bind(&r.name)
+    .bind(&r.org)
+    .bind(&r.workspace)
+    .bind(&r.tier)
+    .bind(r.scopes.join(" "))
+    .bind(&r.secret_hash)
+    .bind(r.created_at)
+    .bind(r.expires_at)
+    .bind(r.last_used_at)
+    .bind(r.revoked_at)
+    .bind(&r.revoked_by)
+    .bind(&r.rotated_from)
+    .bind(updated_at)
+    .execute(conn)
+    .await
+    .map(|_| ())
+}
+
+/// Every key and every audit event (oldest first), as `conn` sees them.
+async fn read_all(conn: &mut sqlx::PgConnection) -> Result<Export, sqlx::Error> {
+    let keys = sqlx::query("SELECT * FROM keys ORDER BY created_at, id").fetch_all(&mut *conn).await?;
+    let events = sqlx::query("SELECT * FROM audit ORDER BY seq").fetch_all(&mut *conn).await?;
+    Ok(Export {
+        keys: keys.iter().map(stored_key).collect::<Result<_, _>>()?,
+        events: events.iter().map(event).collect::<Result<_, _>>()?,
+    })
+}
+
 #[async_trait::async_trait]
 impl KeyLookup for PostgresStore {
     async fn get(&self, id: &str) -> Result<Option<KeyRecord>, StoreError> {
@@ -203,27 +251,7 @@ impl KeyAdmin for PostgresStore {
     async fn insert(&self, r: &KeyRecord, e: &AuditEvent) -> Result<(), StoreError> {
         within(self.bound, async {
             let mut tx = self.pool.begin().await.map_err(unavailable)?;
-            let inserted = sqlx::query(
-                "INSERT INTO keys (id, name, org, workspace, tier, scopes, secret_hash, created_at, expires_at, \
-                 last_used_at, revoked_at, revoked_by, rotated_from, updated_at) \
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)",
-            )
-            .bind(&r.id)
-            .bind(&r.name)
-            .bind(&r.org)
-            .bind(&r.workspace)
-            .bind(&r.tier)
-            .bind(r.scopes.join(" "))
-            .bind(&r.secret_hash)
-            .bind(r.created_at)
-            .bind(r.expires_at)
-            .bind(r.last_used_at)
-            .bind(r.revoked_at)
-            .bind(&r.revoked_by)
-            .bind(&r.rotated_from)
-            .bind(r.created_at)
-            .execute(&mut *tx)
-            .await;
+            let inserted = insert_key(&mut tx, r, r.created_at).await;
             if let Err(err) = inserted {
                 return Err(match err.as_database_error() {
                     Some(d) if d.is_unique_violation() => {
@@ -394,6 +422,60 @@ impl KeyUpkeep for PostgresStore {
             Ok(ids)
         })
         .await
+    }
+}
+
+#[async_trait::async_trait]
+impl KeyCopy for PostgresStore {
+    // A whole store may take longer than one call's bound: each statement is bounded instead
+    // (a black-holed connection still fails within `bound`), the whole is not.
+    async fn export(&self) -> Result<Export, StoreError> {
+        let b = self.bound;
+        // One snapshot for both reads: a key changed between them would not match its trail.
+        let mut tx = within(b, async {
+            self.pool.begin_with("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY").await.map_err(unavailable)
+        })
+        .await?;
+        let all = within(b, async { read_all(&mut tx).await.map_err(unavailable) }).await?;
+        within(b, async { tx.commit().await.map_err(unavailable) }).await?;
+        Ok(all)
+    }
+
+    async fn import(&self, keys: &[StoredKey], events: &[AuditEvent]) -> Result<CopyReport, StoreError> {
+        let b = self.bound;
+        let mut tx = within(b, async { self.pool.begin().await.map_err(unavailable) }).await?;
+        within(b, async {
+            sqlx::query("SELECT pg_advisory_xact_lock($1)")
+                .bind(IMPORT_LOCK)
+                .execute(&mut *tx)
+                .await
+                .map(|_| ())
+                .map_err(unavailable)
+        })
+        .await?;
+        // Read after the lock: at READ COMMITTED each statement sees what committed before it
+        // began, so an import that held the lock before is seen whole.
+        let have = within(b, async { read_all(&mut tx).await.map_err(unavailable) }).await?;
+        let plan = copy::plan(&have.keys, &have.events, keys, events);
+        for k in &plan.keys {
+            // A key created by a replica with the same id meanwhile fails the whole import,
+            // which then changes nothing and can be run again.
+            within(b, async {
+                insert_key(&mut tx, &k.record, k.updated_at).await.map_err(|err| match err.as_database_error() {
+                    Some(d) if d.is_unique_violation() => StoreError::Conflict(format!(
+                        "key id {} was created in the target during the copy; nothing was copied, run it again",
+                        k.record.id
+                    )),
+                    _ => unavailable(err),
+                })
+            })
+            .await?;
+        }
+        for e in &plan.events {
+            within(b, async { append(&mut tx, e).await.map_err(unavailable) }).await?;
+        }
+        within(b, async { tx.commit().await.map_err(unavailable) }).await?;
+        Ok(plan.report)
     }
 }
 

@@ -2,6 +2,7 @@
 
 use sqlx::{ColumnIndex, Decode, Row, Type};
 
+use super::StoredKey;
 use crate::keys::record::{AuditEvent, KeyRecord};
 
 /// A key record from a `SELECT * FROM keys` row.
@@ -28,6 +29,17 @@ where
         revoked_by: row.try_get("revoked_by")?,
         rotated_from: row.try_get("rotated_from")?,
     })
+}
+
+/// A key record and its `updated_at`, from a `SELECT * FROM keys` row.
+pub(super) fn stored_key<'r, R>(row: &'r R) -> Result<StoredKey, sqlx::Error>
+where
+    R: Row,
+    &'static str: ColumnIndex<R>,
+    String: Decode<'r, R::Database> + Type<R::Database>,
+    i64: Decode<'r, R::Database> + Type<R::Database>,
+{
+    Ok(StoredKey { record: record(row)?, updated_at: row.try_get("updated_at")? })
 }
 
 /// An audit event from a `SELECT * FROM audit` row.

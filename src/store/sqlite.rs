@@ -21,8 +21,10 @@ use sqlx::sqlite::{
 };
 use sqlx::Row;
 
-use super::rows::{event, record};
-use super::{Change, Cursor, KeyAdmin, KeyLookup, KeyUpkeep, StoreError};
+use super::rows::{event, record, stored_key};
+use super::{
+    copy, Change, CopyReport, Cursor, Export, KeyAdmin, KeyCopy, KeyLookup, KeyUpkeep, StoreError, StoredKey,
+};
 use crate::keys::record::{AuditEvent, KeyRecord};
 
 /// Each file moves the schema one version forward; applied in order, once, in a transaction.
@@ -124,6 +126,46 @@ async fn append(conn: &mut sqlx::SqliteConnection, e: &AuditEvent) -> Result<(),
         .map(|_| ())
 }
 
+/// Inserts a key record as it is, with the stamp of its latest change.
+async fn insert_key(
+    conn: &mut sqlx::SqliteConnection,
+    r: &KeyRecord,
+    updated_at: i64,
+) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "INSERT INTO keys (id, name, org, workspace, tier, scopes, secret_hash, created_at, expires_at, \
+         last_used_at, revoked_at, revoked_by, rotated_from, updated_at) \
+         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+    )
+    .bind(&r.id)
+    .bind(&r.name)
+    .bind(&r.org)
+    .bind(&r.workspace)
+    .bind(&r.tier)
+    .bind(r.scopes.join(" "))
+    .bind(&r.secret_hash)
+    .bind(r.created_at)
+    .bind(r.expires_at)
+    .bind(r.last_used_at)
+    .bind(r.revoked_at)
+    .bind(&r.revoked_by)
+    .bind(&r.rotated_from)
+    .bind(updated_at)
+    .execute(conn)
+    .await
+    .map(|_| ())
+}
+
+/// Every key and every audit event (oldest first), as `conn` sees them.
+async fn read_all(conn: &mut sqlx::SqliteConnection) -> Result<Export, sqlx::Error> {
+    let keys = sqlx::query("SELECT * FROM keys ORDER BY created_at, id").fetch_all(&mut *conn).await?;
+    let events = sqlx::query("SELECT * FROM audit ORDER BY seq").fetch_all(&mut *conn).await?;
+    Ok(Export {
+        keys: keys.iter().map(stored_key).collect::<Result<_, _>>()?,
+        events: events.iter().map(event).collect::<Result<_, _>>()?,
+    })
+}
+
 #[async_trait::async_trait]
 impl KeyLookup for SqliteStore {
     async fn get(&self, id: &str) -> Result<Option<KeyRecord>, StoreError> {
@@ -151,27 +193,7 @@ impl KeyAdmin for SqliteStore {
 
     async fn insert(&self, r: &KeyRecord, e: &AuditEvent) -> Result<(), StoreError> {
         let mut tx = self.pool()?.begin().await.map_err(unavailable)?;
-        let inserted = sqlx::query(
-            "INSERT INTO keys (id, name, org, workspace, tier, scopes, secret_hash, created_at, expires_at, \
-             last_used_at, revoked_at, revoked_by, rotated_from, updated_at) \
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-        )
-        .bind(&r.id)
-        .bind(&r.name)
-        .bind(&r.org)
-        .bind(&r.workspace)
-        .bind(&r.tier)
-        .bind(r.scopes.join(" "))
-        .bind(&r.secret_hash)
-        .bind(r.created_at)
-        .bind(r.expires_at)
-        .bind(r.last_used_at)
-        .bind(r.revoked_at)
-        .bind(&r.revoked_by)
-        .bind(&r.rotated_from)
-        .bind(r.created_at)
-        .execute(&mut *tx)
-        .await;
+        let inserted = insert_key(&mut tx, r, r.created_at).await;
         if let Err(err) = inserted {
             return Err(match err.as_database_error() {
                 Some(d) if d.is_unique_violation() => {
@@ -327,5 +349,33 @@ impl KeyUpkeep for SqliteStore {
         }
         tx.commit().await.map_err(unavailable)?;
         Ok(ids)
+    }
+}
+
+#[async_trait::async_trait]
+impl KeyCopy for SqliteStore {
+    async fn export(&self) -> Result<Export, StoreError> {
+        // One read transaction: in WAL mode it sees one snapshot, however long the reads take
+        // and whatever the server writes meanwhile.
+        let mut tx = self.pool()?.begin().await.map_err(unavailable)?;
+        let all = read_all(&mut tx).await.map_err(unavailable)?;
+        tx.commit().await.map_err(unavailable)?;
+        Ok(all)
+    }
+
+    async fn import(&self, keys: &[StoredKey], events: &[AuditEvent]) -> Result<CopyReport, StoreError> {
+        // IMMEDIATE: the write lock from the start, so that what was read as present is still
+        // all there is when the inserts commit (another import, or the CLI, waits its turn).
+        let mut tx = self.pool()?.begin_with("BEGIN IMMEDIATE").await.map_err(unavailable)?;
+        let have = read_all(&mut tx).await.map_err(unavailable)?;
+        let plan = copy::plan(&have.keys, &have.events, keys, events);
+        for k in &plan.keys {
+            insert_key(&mut tx, &k.record, k.updated_at).await.map_err(unavailable)?;
+        }
+        for e in &plan.events {
+            append(&mut tx, e).await.map_err(unavailable)?;
+        }
+        tx.commit().await.map_err(unavailable)?;
+        Ok(plan.report)
     }
 }

@@ -19,5 +19,6 @@ mod redis_server;
 mod relay;
 mod sdk;
 mod store;
+mod store_copy;
 mod streaming;
 mod tls;
