@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """Fleet store benchmark: tollgate's key store in SQLite vs PostgreSQL, in one run.
 
-    python3 benches/load/fleet.py            # full run (≈ 4 min after the build), writes benches/results/<date>-<host>-fleet.md
-    python3 benches/load/fleet.py --smoke    # ≈ 20 s smoke run (CI): every step once, short
+    python3 benches/load/fleet.py            # full run (≈ 3.5 min after the build), writes benches/results/<date>-<host>-fleet.md
+    python3 benches/load/fleet.py --smoke    # ≈ 40 s smoke run (CI): every step once, short
 
 - F1 cached-key throughput: two tollgates identical but for the store, one cached key each,
   `wrk -t1 -c64` (HTTP/1.1) of run.py's S1 request, interleaved rounds (sqlite, postgres, …).
@@ -13,7 +13,8 @@
   the LISTEN/NOTIFY push can deliver): a used key revoked with the CLI, each replica polled
   every ~2 ms on a connection of its own until it answers 401, the time from the CLI's exit
   taken per replica; restored, and 200 awaited on all. Then the same on one SQLite tollgate
-  with `revocation_poll: 1s` (the poll path).
+  with `revocation_poll: 1s` (the poll path). The PostgreSQL series runs twice: with a key of
+  the default Argon2id parameters (the refusing request verifies it) and with a cheap one.
 
 Needs a PostgreSQL server at 127.0.0.1:5432 (user postgres, trust auth; `--pg` to change) and
 psql; the benchmark creates a database of its own (random name) and drops it at the end. The
