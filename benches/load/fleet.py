@@ -16,7 +16,7 @@
   with `revocation_poll: 1s` (the poll path). The PostgreSQL series runs twice: with a key of
   the default Argon2id parameters (the refusing request verifies it) and with a cheap one.
 
-Needs a PostgreSQL server at 127.0.0.1:5432 (user postgres, trust auth; `--pg` to change) and
+Needs a PostgreSQL server at 127.0.0.1:5432 (user postgres, trust auth; `--pg-host`, `--pg-port`) and
 psql; the benchmark creates a database of its own (random name) and drops it at the end. The
 helpers (build, spawn and pinning, configs, wrk) are run.py's. Pinning as in run.py: every
 tollgate on CPU 1, the upstream, wrk, this script and the CLI on CPU 0; the PostgreSQL server
