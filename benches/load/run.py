@@ -121,13 +121,15 @@ class Target:
         return f"http://127.0.0.1:{self.h2_port if h2 else self.h1_port}{path}"
 
 
-def write_config(path, port, admin, upstream_port, store_dir, extra=""):
-    """A tollgate config for the benchmark: a tier that never limits, logs at warn only."""
+def write_config(path, port, admin, upstream_port, store_dir, extra="", store=None):
+    """A tollgate config for the benchmark: a tier that never limits, logs at warn only. The
+    store is SQLite in `store_dir` unless `store` gives another (YAML flow text)."""
+    store = store or f'{{ sqlite: "{store_dir}/keys.db" }}'
     with open(path, "w") as f:
         f.write(f"""listen: 127.0.0.1:{port}
 admin_listen: 127.0.0.1:{admin}
 upstream: {{ url: "http://127.0.0.1:{upstream_port}" }}
-store: {{ sqlite: "{store_dir}/keys.db" }}
+store: {store}
 log: {{ format: json, level: warn }}
 tiers: {{ bench: {{ requests_per_second: 1000000000, burst: 1000000000 }} }}
 """ + extra)
