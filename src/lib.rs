@@ -38,6 +38,7 @@ pub mod state;
 pub mod store;
 pub(crate) mod tasks;
 pub mod upstream;
+pub mod usage;
 
 mod startup;
 pub use startup::StartupError;

@@ -28,6 +28,10 @@ pub struct Metrics {
     pub ratelimit_backend_up: IntGauge,
     pub ratelimit_backend_duration: Histogram,
     pub ratelimit_decisions: IntCounterVec,
+    pub tokens: IntCounterVec,
+    pub usage_unreported: IntCounterVec,
+    pub usage_unparsed: IntCounterVec,
+    pub concurrent: IntGaugeVec,
 }
 
 /// Latency buckets from 1 ms to 10 min: inference requests run from milliseconds (embeddings)
@@ -147,9 +151,32 @@ impl Metrics {
                 "Rate-limit decisions of the Redis backend, by source (`redis`, `local_cache`, `fallback_local`, `fallback_open`, `fallback_closed`).",
                 &["source"],
             )?,
+            tokens: counter_vec(
+                "tollgate_tokens_total",
+                "Tokens the upstream reported, by tier and kind (`prompt`, `completion`).",
+                &["tier", "kind"],
+            )?,
+            usage_unreported: counter_vec(
+                "tollgate_usage_unreported_total",
+                "Token-counted responses without reported usage, charged their estimate, by reason (`missing`, `client_gone`, `stopped`).",
+                &["reason"],
+            )?,
+            usage_unparsed: counter_vec(
+                "tollgate_usage_unparsed_requests_total",
+                "Token-counted requests forwarded untouched, estimated from their length, by reason (`not_json`, `no_length`, `too_large`).",
+                &["reason"],
+            )?,
+            concurrent: IntGaugeVec::new(
+                Opts::new("tollgate_concurrent_requests", "Requests holding a concurrency slot, by tier."),
+                &["tier"],
+            )?,
             registry,
         };
         m.registry.register(Box::new(m.inflight.clone()))?;
+        m.registry.register(Box::new(m.concurrent.clone()))?;
+        for r in ["missing", "client_gone", "stopped"] {
+            m.usage_unreported.with_label_values(&[r]);
+        }
         m.registry.register(Box::new(m.ratelimit_backend_up.clone()))?;
         m.registry.register(Box::new(m.ratelimit_backend_duration.clone()))?;
         m.ratelimit_backend_up.set(1);

@@ -229,15 +229,33 @@ pub struct RateLimits {
     pub key_overrides: BTreeMap<String, Tier>,
     /// `tiers.X.on_store_error`: a tier's own answer when Redis fails.
     pub tier_on_error: BTreeMap<String, OnError>,
+    /// `rate_limits.tokens.inject_stream_usage`: ask the upstream for usage on streams whose
+    /// client did not (and hide it from them).
+    pub inject_stream_usage: bool,
 }
 
 /// One tier. `None` means unlimited in that dimension.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Tier {
     pub requests_per_second: Option<u32>,
     /// Defaults to `requests_per_second` (one second's worth) when only the rate is given.
     pub burst: Option<u32>,
     pub daily_requests: Option<u64>,
+    /// Tokens (prompt + completion, as the upstream reports them) per minute, refilled
+    /// continuously; also the bucket's capacity (§12).
+    pub tokens_per_minute: Option<u64>,
+    pub daily_tokens: Option<u64>,
+    /// Requests in flight at once, streams included, until their body ends.
+    pub max_concurrent_requests: Option<u32>,
+    /// The output a request without `max_tokens` is assumed to produce, for its reservation.
+    pub default_output_tokens: Option<u64>,
+}
+
+impl Tier {
+    /// Whether requests need a token estimate (and their usage read).
+    pub fn counts_tokens(&self) -> bool {
+        self.tokens_per_minute.is_some() || self.daily_tokens.is_some()
+    }
 }
 
 /// Which route table is in force (§3).

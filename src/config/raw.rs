@@ -119,6 +119,13 @@ pub(super) struct RawRateLimits {
     pub(super) backend: Option<String>,
     pub(super) redis: Option<RawRedis>,
     pub(super) overrides: RawOverrides,
+    pub(super) tokens: RawTokens,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+pub(super) struct RawTokens {
+    pub(super) inject_stream_usage: Option<bool>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -144,6 +151,10 @@ pub(super) struct RawTier {
     pub(super) requests_per_second: Option<serde_yaml_ng::Value>,
     pub(super) burst: Option<serde_yaml_ng::Value>,
     pub(super) daily_requests: Option<serde_yaml_ng::Value>,
+    pub(super) tokens_per_minute: Option<serde_yaml_ng::Value>,
+    pub(super) daily_tokens: Option<serde_yaml_ng::Value>,
+    pub(super) max_concurrent_requests: Option<serde_yaml_ng::Value>,
+    pub(super) default_output_tokens: Option<serde_yaml_ng::Value>,
     pub(super) on_store_error: Option<String>,
 }
 

@@ -84,7 +84,10 @@ log: { format: xml }
 fn a_given_tiers_map_replaces_the_defaults() {
     let c = Config::from_yaml("tiers:\n  free: { requests_per_second: 2 }\n", "t").unwrap();
     assert_eq!(c.tiers.len(), 1);
-    assert_eq!(c.tiers["free"], Tier { requests_per_second: Some(2), burst: Some(2), daily_requests: None });
+    assert_eq!(
+        c.tiers["free"],
+        Tier { requests_per_second: Some(2), burst: Some(2), daily_requests: None, ..Tier::default() }
+    );
 }
 
 #[test]
@@ -209,7 +212,10 @@ fn rate_limits_redis_takes_the_url_from_the_environment_and_names_each_mistake()
     );
     assert_eq!(c.rate_limits.tier_on_error.get("a"), Some(&OnError::Open));
     assert_eq!(c.rate_limits.tier_on_error.get("b"), None);
-    assert_eq!(c.tiers["a"], Tier { requests_per_second: Some(1), burst: Some(1), daily_requests: None });
+    assert_eq!(
+        c.tiers["a"],
+        Tier { requests_per_second: Some(1), burst: Some(1), daily_requests: None, ..Tier::default() }
+    );
     let c = Config::from_yaml("rate_limits: { backend: redis, redis: { url_env: R } }\n", "t").unwrap();
     let LimitBackend::Redis(r) = c.rate_limits.backend else { panic!("expected redis") };
     assert_eq!(

@@ -384,7 +384,14 @@ impl Validator {
         };
         let org_overrides = self.tier_map("rate_limits.overrides.orgs", raw.overrides.orgs);
         let key_overrides = self.tier_map("rate_limits.overrides.keys", raw.overrides.keys);
-        RateLimits { per, backend, org_overrides, key_overrides, tier_on_error: BTreeMap::new() }
+        RateLimits {
+            per,
+            backend,
+            org_overrides,
+            key_overrides,
+            tier_on_error: BTreeMap::new(),
+            inject_stream_usage: raw.tokens.inject_stream_usage.unwrap_or(true),
+        }
     }
 
     fn redis(&mut self, raw: RawRedis) -> Redis {
@@ -474,6 +481,12 @@ impl Validator {
             if burst.is_some() && rps.is_none() {
                 self.problem(&format!("{base}.burst"), "a burst needs `requests_per_second`");
             }
+            let tpm = self.count(&format!("{base}.tokens_per_minute"), t.tokens_per_minute, 1 << 50);
+            let daily_tokens = self.count(&format!("{base}.daily_tokens"), t.daily_tokens, 1 << 50);
+            let concurrent =
+                self.count(&format!("{base}.max_concurrent_requests"), t.max_concurrent_requests, 1_000_000);
+            let output =
+                self.count(&format!("{base}.default_output_tokens"), t.default_output_tokens, 10_000_000);
             let as_u32 = |x: u64| u32::try_from(x).unwrap_or(u32::MAX);
             tiers.insert(
                 name,
@@ -481,6 +494,10 @@ impl Validator {
                     requests_per_second: rps.map(as_u32),
                     burst: burst.or(rps).map(as_u32),
                     daily_requests: daily,
+                    tokens_per_minute: tpm,
+                    daily_tokens,
+                    max_concurrent_requests: concurrent.map(as_u32),
+                    default_output_tokens: output,
                 },
             );
         }
@@ -584,6 +601,7 @@ fn default_tiers() -> BTreeMap<String, Tier> {
         requests_per_second: Some(rps),
         burst: Some(burst),
         daily_requests: daily,
+        ..Tier::default()
     };
     BTreeMap::from([
         ("audit".to_string(), tier(50, 200, Some(100_000))),

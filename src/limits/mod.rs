@@ -21,8 +21,13 @@ use crate::clock::DAY_MS;
 use crate::config::{Config, LimitPer, Tier};
 use crate::error::{Error, Limit};
 
+pub mod concurrency;
+mod hold;
 mod quota;
 pub mod redis;
+pub mod tokens;
+
+pub use hold::{Hold, TokenHold};
 
 #[cfg(test)]
 use quota::put_openai_duration;
@@ -42,6 +47,9 @@ pub struct Bucket<C: Clock + Clone> {
     daily: DashMap<Arc<str>, Mutex<(i64, u64)>>,
     /// The header values that depend on the limits alone, formatted once.
     fixed: Option<Arc<Fixed>>,
+    /// Token limits (§12), shared with the reservations in flight.
+    tokens: Option<Arc<tokens::Tokens>>,
+    concurrency: Option<concurrency::Concurrency>,
 }
 
 impl<C: Clock + Clone> Bucket<C> {
@@ -64,8 +72,16 @@ impl<C: Clock + Clone> Bucket<C> {
             }),
             daily: limits.daily_requests.map(|budget| (budget, budget, 0)),
             fixed: None,
+            tokens: None,
         };
-        Bucket { limits, gcra, daily: DashMap::new(), fixed: full.format_fixed().map(Arc::new) }
+        Bucket {
+            limits,
+            gcra,
+            daily: DashMap::new(),
+            fixed: full.format_fixed().map(Arc::new),
+            tokens: tokens::Tokens::new(limits.tokens_per_minute, limits.daily_tokens).map(Arc::new),
+            concurrency: concurrency::Concurrency::new(limits.max_concurrent_requests),
+        }
     }
 }
 
@@ -125,6 +141,10 @@ impl Limiter<DefaultClock> {
                     requests_per_second: share32(t.requests_per_second),
                     burst: share32(t.burst),
                     daily_requests: share64(t.daily_requests),
+                    tokens_per_minute: share64(t.tokens_per_minute),
+                    daily_tokens: share64(t.daily_tokens),
+                    max_concurrent_requests: share32(t.max_concurrent_requests),
+                    default_output_tokens: t.default_output_tokens,
                 };
             }
         };
@@ -180,6 +200,112 @@ impl<C: Clock + Clone> Limiter<C> {
     ) -> Result<Quota, Box<Rejection>> {
         let (bucket, entity, _) = self.resolve(key_id, org, tier)?;
         self.decide(bucket, entity, tier)
+    }
+
+    /// The decision of an LLM request (§12): the request limits, and with them, all or nothing,
+    /// a concurrency slot and a reservation of `estimate` tokens (`None`: a request that uses
+    /// no tokens, such as listing models). What is held is given back when the `Hold` is
+    /// dropped, unless it is settled first.
+    pub fn check_llm(
+        &self,
+        key_id: &Arc<str>,
+        org: &Arc<str>,
+        tier: &str,
+        estimate: Option<u64>,
+        gauge: Option<prometheus::IntGauge>,
+    ) -> Result<(Quota, Hold), Box<Rejection>> {
+        let (bucket, entity, _) = self.resolve(key_id, org, tier)?;
+        let hold = self.hold(bucket, entity, tier, estimate, gauge)?;
+        let mut quota = self.decide(bucket, entity, tier)?;
+        quota.tokens = hold.left();
+        Ok((quota, hold))
+    }
+
+    /// The limits that apply to this caller (its override's, or its tier's).
+    pub fn limits_of(&self, key_id: &Arc<str>, org: &Arc<str>, tier: &str) -> Option<Tier> {
+        self.resolve(key_id, org, tier).ok().map(|(b, _, _)| b.limits)
+    }
+
+    /// `hold` for a caller (see `check_llm`).
+    pub fn hold_for(
+        &self,
+        key_id: &Arc<str>,
+        org: &Arc<str>,
+        tier: &str,
+        estimate: Option<u64>,
+        gauge: Option<prometheus::IntGauge>,
+    ) -> Result<Hold, Box<Rejection>> {
+        let (bucket, entity, _) = self.resolve(key_id, org, tier)?;
+        self.hold(bucket, entity, tier, estimate, gauge)
+    }
+
+    /// Whether a request of this caller needs a token estimate (its limits count tokens).
+    pub fn counts_tokens(&self, key_id: &Arc<str>, org: &Arc<str>, tier: &str) -> bool {
+        self.resolve(key_id, org, tier).is_ok_and(|(b, _, _)| b.tokens.is_some())
+    }
+
+    /// Whether this caller's limits go beyond requests (tokens or concurrency).
+    pub fn holds(&self, key_id: &Arc<str>, org: &Arc<str>, tier: &str) -> bool {
+        self.resolve(key_id, org, tier).is_ok_and(|(b, _, _)| b.tokens.is_some() || b.concurrency.is_some())
+    }
+
+    /// The concurrency slot and the token reservation of one request, before the request
+    /// limits are asked (those cannot be given back once governor has counted them): on a
+    /// refusal here nothing else was taken; on a refusal after, dropping the hold returns it.
+    pub(crate) fn hold(
+        &self,
+        bucket: &Bucket<C>,
+        entity: &Arc<str>,
+        tier: &str,
+        estimate: Option<u64>,
+        gauge: Option<prometheus::IntGauge>,
+    ) -> Result<Hold, Box<Rejection>> {
+        let mut hold = Hold::default();
+        if let Some(c) = &bucket.concurrency {
+            match c.acquire(entity, gauge) {
+                Some(slot) => hold.slot = Some(slot),
+                None => {
+                    let message = format!(
+                        "Too many requests in flight: tier `{tier}` allows {} at once; retry when one has finished.",
+                        c.max()
+                    );
+                    return Err(reject(Limit::ConcurrentRequests, tier, message, 1, Quota::default()));
+                }
+            }
+        }
+        if let (Some(t), Some(estimate)) = (&bucket.tokens, estimate) {
+            let now = (self.wall)();
+            let amount = t.clamp(estimate);
+            match t.reserve(entity, amount, now) {
+                Ok(left) => {
+                    hold.tokens =
+                        Some(TokenHold::new(t.clone(), entity.clone(), amount, now, left, self.wall.clone()))
+                }
+                Err((refused, left)) => {
+                    let quota = Quota { tokens: Some(left), ..Quota::default() };
+                    let (limit, wait, message) = match refused {
+                        tokens::Refused::PerMinute { wait_ms } => (
+                            Limit::TokensPerMinute,
+                            wait_ms,
+                            format!(
+                                "Token rate limit of {} tokens per minute exceeded for tier `{tier}` (this request reserves {amount}).",
+                                bucket.limits.tokens_per_minute.unwrap_or(0)
+                            ),
+                        ),
+                        tokens::Refused::Daily { wait_ms } => (
+                            Limit::DailyTokens,
+                            wait_ms,
+                            format!(
+                                "Daily token budget of {} exhausted for tier `{tier}`; it resets at 00:00 UTC.",
+                                bucket.limits.daily_tokens.unwrap_or(0)
+                            ),
+                        ),
+                    };
+                    return Err(reject(limit, tier, message, seconds_ceil(wait), quota));
+                }
+            }
+        }
+        Ok(hold)
     }
 
     /// Which limits apply to a request, and to whose state: a key's override, its
@@ -297,7 +423,26 @@ impl<C: Clock + Clone> Limiter<C> {
             }
             b.daily.retain(|_, v| v.get_mut().map(|v| v.0 == day).unwrap_or(false));
             b.daily.shrink_to_fit();
+            if let Some(t) = &b.tokens {
+                t.forget_idle((self.wall)());
+            }
+            if let Some(c) = &b.concurrency {
+                c.forget_idle();
+            }
         }
+    }
+
+    /// Tokens left now in the per-minute bucket of `entity` under tier `t` (tests).
+    #[cfg(test)]
+    pub(crate) fn tokens_left(&self, entity: &str) -> Option<u64> {
+        let t = self.tiers.get("t")?.tokens.as_ref()?;
+        t.peek(&entity.into(), (self.wall)()).per_minute.map(|p| p.1)
+    }
+
+    /// Requests of `entity` in flight under tier `t` (tests).
+    #[cfg(test)]
+    pub(crate) fn in_flight(&self, entity: &str) -> u32 {
+        self.tiers.get("t").and_then(|b| b.concurrency.as_ref()).map_or(0, |c| c.in_flight(entity))
     }
 
     /// Entities with state (for the memory benchmark and tests).
@@ -311,15 +456,15 @@ impl<C: Clock + Clone> Limiter<C> {
     }
 }
 
-/// A 429 for `limit`. Only the per-second limit clears by itself soon; the others tell SDKs
-/// not to retry (`x-should-retry: false`).
+/// A 429 for `limit`. The daily budgets do not clear before midnight: those tell SDKs not to
+/// retry (`x-should-retry: false`).
 fn reject(limit: Limit, tier: &str, message: String, retry_after: u64, quota: Quota) -> Box<Rejection> {
     let error = Error::RateLimited {
         message,
         limit,
         tier: Some(tier.to_string()),
         retry_after,
-        exhausted: limit != Limit::RequestsPerSecond,
+        exhausted: matches!(limit, Limit::DailyRequests | Limit::DailyTokens),
     };
     Box::new(Rejection { error, quota, limit: Some(limit) })
 }

@@ -24,6 +24,16 @@ pub struct Quota {
     /// The bucket's preformatted values (set on admitted requests; a refusal may report fewer
     /// limits, so it formats its own).
     pub(super) fixed: Option<Arc<Fixed>>,
+    /// Token limits (§12): what remains per minute and today.
+    pub(super) tokens: Option<super::tokens::Left>,
+}
+
+impl Quota {
+    /// This quota with what remains of the tokens `hold` reserved, for the headers.
+    pub fn with_tokens(mut self, hold: &super::Hold) -> Quota {
+        self.tokens = hold.left();
+        self
+    }
 }
 
 pub(super) fn seconds_ceil(ms: i64) -> u64 {
@@ -66,6 +76,13 @@ impl Quota {
     /// the other three are written into one buffer and split off it (one allocation, no
     /// formatting machinery).
     pub fn write_headers(&self, h: &mut HeaderMap) {
+        self.write_request_headers(h);
+        if let Some(t) = &self.tokens {
+            write_token_headers(h, t);
+        }
+    }
+
+    fn write_request_headers(&self, h: &mut HeaderMap) {
         let Some((_, remaining, reset_ms)) = self.openai() else { return };
         let formatted;
         let fixed = match &self.fixed {
@@ -123,6 +140,52 @@ impl Quota {
             put_field(&mut buf, "daily_requests", [budget, 86400], [b";q=", b";w="]);
         }
         Some(Fixed { limit, policy: value(&mut buf)? })
+    }
+}
+
+const LIMIT_TOKENS: HeaderName = HeaderName::from_static("x-ratelimit-limit-tokens");
+const REMAINING_TOKENS: HeaderName = HeaderName::from_static("x-ratelimit-remaining-tokens");
+const RESET_TOKENS: HeaderName = HeaderName::from_static("x-ratelimit-reset-tokens");
+
+/// OpenAI's `x-ratelimit-*-tokens` (the per-minute bucket, else the daily budget) and the
+/// token items appended to `RateLimit-Policy` / `RateLimit`. Only tiers with token limits
+/// pay for this formatting.
+fn write_token_headers(h: &mut HeaderMap, t: &super::tokens::Left) {
+    let Some((limit, remaining, reset_ms)) = t.per_minute.or(t.daily) else { return };
+    let mut buf = BytesMut::with_capacity(128);
+    let mut n = itoa::Buffer::new();
+    buf.extend_from_slice(n.format(limit).as_bytes());
+    put(h, &mut buf, LIMIT_TOKENS);
+    buf.extend_from_slice(n.format(remaining).as_bytes());
+    put(h, &mut buf, REMAINING_TOKENS);
+    put_openai_duration(&mut buf, reset_ms);
+    put(h, &mut buf, RESET_TOKENS);
+    for (name, keys, items) in [
+        (
+            RATELIMIT_POLICY,
+            [&b";q="[..], b";w="],
+            [t.per_minute.map(|(l, _, _)| [l, 60]), t.daily.map(|(l, _, _)| [l, 86400])],
+        ),
+        (
+            RATELIMIT,
+            [&b";r="[..], b";t="],
+            [
+                t.per_minute.map(|(_, r, ms)| {
+                    [r, seconds_ceil(ms).min(u64::try_from(ms).unwrap_or(0).div_ceil(1000))]
+                }),
+                t.daily.map(|(_, r, ms)| [r, seconds_ceil(ms)]),
+            ],
+        ),
+    ] {
+        if let Some(existing) = h.get(&name) {
+            buf.extend_from_slice(existing.as_bytes());
+        }
+        for (label, item) in ["tokens_per_minute", "daily_tokens"].into_iter().zip(items) {
+            if let Some(values) = item {
+                put_field(&mut buf, label, values, keys);
+            }
+        }
+        put(h, &mut buf, name);
     }
 }
 

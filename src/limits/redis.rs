@@ -504,7 +504,12 @@ mod tests {
 
     #[test]
     fn replies_become_quotas_and_refusals() {
-        let t = Tier { requests_per_second: Some(50), burst: Some(200), daily_requests: Some(100_000) };
+        let t = Tier {
+            requests_per_second: Some(50),
+            burst: Some(200),
+            daily_requests: Some(100_000),
+            ..Tier::default()
+        };
         let ok = Reply::from(&[1, 0, 0, 199, 99_999, 3_600_000_000]).unwrap();
         let q = outcome(&ok, &t, "audit").unwrap();
         assert_eq!((q.per_second, q.daily), (Some((200, 199, 50)), Some((100_000, 99_999, 3_600_000))));

@@ -288,3 +288,91 @@ fn headers_carry_both_limits() {
     assert_eq!(openai_duration(47_102_000), "13h5m2s");
     assert_eq!(openai_duration(20), "20ms");
 }
+
+fn llm(
+    l: &Limiter<FakeRelativeClock>,
+    org: &str,
+    estimate: Option<u64>,
+) -> Result<(Quota, Hold), Box<Rejection>> {
+    l.check_llm(&"k1".into(), &org.into(), "t", estimate, None)
+}
+
+fn refused_by(r: Result<(Quota, Hold), Box<Rejection>>) -> &'static str {
+    match r {
+        Ok(_) => "admitted",
+        Err(r) => r.limit.map_or("none", Limit::label),
+    }
+}
+
+/// §12's example: five concurrent requests of 175 tokens on a 100-a-minute tier: one passes
+/// (reserving the clamped 100), the others are refused while it is in flight.
+#[test]
+fn five_concurrent_175_token_requests_on_100_a_minute_admit_one() {
+    let f = Fixture::new();
+    let l = f.limiter("tiers: { t: { requests_per_second: 1000, tokens_per_minute: 100 } }");
+    let held: Vec<_> = (0..5).map(|_| llm(&l, "acme", Some(175))).collect();
+    assert_eq!(held.iter().filter(|r| r.is_ok()).count(), 1);
+    let refusal = held.into_iter().find_map(Result::err).unwrap();
+    assert_eq!(refusal.limit, Some(Limit::TokensPerMinute));
+    assert!(matches!(refusal.error, Error::RateLimited { retry_after: 60, exhausted: false, .. }));
+}
+
+/// One decision: a refusal by the request limits gives the tokens and the slot back; a
+/// refusal by the tokens consumes nothing of the request limits; the reported usage replaces
+/// the reservation (debt allowed); a dropped hold is a refund.
+#[test]
+fn tokens_and_requests_are_one_all_or_nothing_decision() {
+    let f = Fixture::new();
+    let l = f.limiter(
+        "tiers: { t: { requests_per_second: 1, burst: 2, daily_requests: 100, tokens_per_minute: 600, daily_tokens: 1000, max_concurrent_requests: 3 } }",
+    );
+    let (q, a) = llm(&l, "acme", Some(100)).unwrap();
+    let mut h = HeaderMap::new();
+    q.write_headers(&mut h);
+    assert_eq!(h["x-ratelimit-limit-tokens"], "600");
+    assert_eq!(h["x-ratelimit-remaining-tokens"], "500");
+    assert_eq!(h["x-ratelimit-reset-tokens"], "10s");
+    assert!(h["ratelimit-policy"]
+        .to_str()
+        .unwrap()
+        .ends_with(r#""tokens_per_minute";q=600;w=60, "daily_tokens";q=1000;w=86400"#));
+    let (_, b) = llm(&l, "acme", Some(100)).unwrap();
+    // The burst (2) is spent: refused by the per-second limit, the 100 tokens come back.
+    assert_eq!(refused_by(llm(&l, "acme", Some(100))), "requests_per_second");
+    assert_eq!(l.tokens_left("acme"), Some(400));
+    // Usage: a used 350 instead of 100 (debt within the minute), b is refunded (dropped).
+    a.settle(350);
+    drop(b);
+    assert_eq!(l.tokens_left("acme"), Some(250));
+    f.advance(Duration::from_secs(1)); // +10 tokens, +1 request
+                                       // 300 > 260: refused by tokens, and the request cell stays for the next one.
+    assert_eq!(refused_by(llm(&l, "acme", Some(300))), "tokens_per_minute");
+    let (_, c) = llm(&l, "acme", Some(200)).unwrap();
+    c.settle(200);
+    // The daily tokens: 350 + 200 used of 1000; a request of 500 is refused for the day.
+    f.advance(Duration::from_secs(60));
+    let r = llm(&l, "acme", Some(500)).err().unwrap();
+    assert_eq!(r.limit, Some(Limit::DailyTokens));
+    assert!(matches!(r.error, Error::RateLimited { exhausted: true, .. }), "x-should-retry: false");
+    // Requests without tokens (listing models) pass whatever the token state.
+    assert!(llm(&l, "acme", None).is_ok());
+}
+
+/// `max_concurrent_requests`: a slot per request in flight, given back when the hold goes
+/// (the response ended, the client left, the upstream failed) — once.
+#[test]
+fn concurrency_slots_are_held_until_the_hold_goes() {
+    let f = Fixture::new();
+    let l = f.limiter("tiers: { t: { requests_per_second: 1000, max_concurrent_requests: 2 } }");
+    let a = llm(&l, "acme", None).unwrap().1;
+    let b = llm(&l, "acme", None).unwrap().1;
+    let r = llm(&l, "acme", None).err().unwrap();
+    assert_eq!(r.limit, Some(Limit::ConcurrentRequests));
+    assert!(matches!(r.error, Error::RateLimited { retry_after: 1, exhausted: false, .. }));
+    assert!(llm(&l, "globex", None).is_ok(), "per organisation");
+    drop(a);
+    let c = llm(&l, "acme", None).unwrap().1;
+    b.settle(0);
+    drop(c);
+    assert_eq!(l.in_flight("acme"), 0);
+}

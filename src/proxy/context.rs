@@ -37,6 +37,9 @@ pub struct Ctx {
     pub principal: Option<Arc<Principal>>,
     /// The admission decision, for the rate-limit headers (refusals carry one too).
     pub quota: Option<Quota>,
+    /// What an admitted LLM request holds (a concurrency slot, a token reservation) until its
+    /// response body takes it; dropped with the context, it is given back.
+    pub hold: Option<crate::limits::Hold>,
     answered: bool,
 }
 
@@ -60,6 +63,7 @@ impl Ctx {
             route: None,
             principal: None,
             quota: None,
+            hold: None,
             answered: false,
         }
     }

@@ -27,6 +27,7 @@ use crate::keys::api as keys_api;
 use crate::net::Peer;
 use crate::state::{Snapshot, State};
 use crate::upstream;
+use crate::usage;
 use context::Ctx;
 use routes::{Handler, Route};
 use target::{check_header_size, check_target, reject_key_in_url};
@@ -90,22 +91,94 @@ impl Proxy {
             path: redact_keys(req.uri().path(), &auth.key_prefix),
         })?;
         route.check(principal.scopes())?;
-        self.admit(snap, ctx).await?;
         if route.handler == Handler::Keys {
+            self.admit(snap, ctx, None).await?;
             return keys_api::handle(&self.state, snap, &principal, req).await;
         }
-        self.forward(snap, req, ctx, route).await
+        // An LLM request of a tier that counts tokens: its body is read for the estimate (and
+        // a stream asked for usage) before the decision that reserves it.
+        let limits = snap.limiter.limits_of(&principal.key_id, &principal.org, &principal.tier);
+        if let Some(tier) = limits.filter(|t| t.counts_tokens() && req.method() == http::Method::POST) {
+            let (req, prepared) = usage::prepare(
+                req,
+                tier.default_output_tokens.unwrap_or(usage::DEFAULT_OUTPUT_TOKENS),
+                snap.config.rate_limits.inject_stream_usage,
+                snap.config.limits.stream_idle_timeout,
+            )
+            .await?;
+            if let Some(reason) = prepared.unparsed {
+                self.state.metrics.usage_unparsed.with_label_values(&[reason]).inc();
+            }
+            self.admit(snap, ctx, Some(prepared.estimate)).await?;
+            let mut rsp = self.forward(snap, req, ctx, route).await?;
+            self.settle_when_done(&mut rsp, ctx, &principal.tier, prepared.injected);
+            return Ok(rsp);
+        }
+        self.admit(snap, ctx, None).await?;
+        let mut rsp = self.forward(snap, req, ctx, route).await?;
+        if ctx.hold.is_some() {
+            self.settle_when_done(&mut rsp, ctx, &principal.tier, false);
+        }
+        Ok(rsp)
+    }
+
+    /// Hands what the request holds (a concurrency slot, a token reservation) to the response
+    /// body, which gives it back — settled with the reported usage — when it ends. An upstream
+    /// that refused the work (not 2xx) is charged nothing.
+    fn settle_when_done(&self, rsp: &mut Response<Body>, ctx: &mut Ctx, tier: &str, injected: bool) {
+        let Some(hold) = ctx.hold.take() else { return };
+        if !rsp.status().is_success() {
+            return drop(hold);
+        }
+        let counters = usage::settle::Counters {
+            tokens: self.state.metrics.tokens.clone(),
+            unreported: self.state.metrics.usage_unreported.clone(),
+            tier: tier.into(),
+        };
+        let content_type = rsp.headers().get(http::header::CONTENT_TYPE).and_then(|v| v.to_str().ok());
+        let meter = usage::meter::Meter::new(content_type, injected);
+        if meter.strips() {
+            // The client did not ask for the usage chunk: it never sees it (nor a length that
+            // would count it).
+            rsp.headers_mut().remove(http::header::CONTENT_LENGTH);
+            let body = std::mem::replace(rsp.body_mut(), Body::empty());
+            *rsp.body_mut() = Body::stream(usage::settle::Stripped::new(body, hold, meter, counters));
+        } else {
+            rsp.body_mut().observe(Box::new(usage::settle::Settle::new(hold, meter, counters)));
+        }
     }
 
     /// The rate-limit decision for the authenticated caller; its quota goes into the response
     /// headers whether it admits or refuses.
-    async fn admit(&self, snap: &Snapshot, ctx: &mut Ctx) -> Result<(), Error> {
-        let Some(p) = ctx.principal.as_deref() else {
+    async fn admit(&self, snap: &Snapshot, ctx: &mut Ctx, estimate: Option<u64>) -> Result<(), Error> {
+        let Some(p) = ctx.principal.clone() else {
             return Ok(());
         };
-        let decided = match &self.state.fleet {
-            None => snap.limiter.check_shared(&p.key_id, &p.org, &p.tier),
-            Some(fleet) => fleet.check(&snap.config, &snap.limiter, &p.key_id, &p.org, &p.tier).await,
+        let decided = if snap.limiter.holds(&p.key_id, &p.org, &p.tier) {
+            // Tokens and concurrency are this replica's (also with Redis, for now): held first,
+            // given back by dropping the hold if the request limits refuse.
+            let gauge = self.state.metrics.concurrent.with_label_values(&[&p.tier]);
+            match snap.limiter.hold_for(&p.key_id, &p.org, &p.tier, estimate, Some(gauge)) {
+                Err(r) => Err(r),
+                Ok(hold) => {
+                    let requests = match &self.state.fleet {
+                        None => snap.limiter.check_shared(&p.key_id, &p.org, &p.tier),
+                        Some(fleet) => {
+                            fleet.check(&snap.config, &snap.limiter, &p.key_id, &p.org, &p.tier).await
+                        }
+                    };
+                    requests.map(|q| {
+                        let q = q.with_tokens(&hold);
+                        ctx.hold = Some(hold);
+                        q
+                    })
+                }
+            }
+        } else {
+            match &self.state.fleet {
+                None => snap.limiter.check_shared(&p.key_id, &p.org, &p.tier),
+                Some(fleet) => fleet.check(&snap.config, &snap.limiter, &p.key_id, &p.org, &p.tier).await,
+            }
         };
         match decided {
             Ok(q) => {
@@ -126,7 +199,7 @@ impl Proxy {
     async fn forward(
         &self,
         snap: &Snapshot,
-        req: Request<Incoming>,
+        req: Request<impl Into<crate::body::Outgoing>>,
         ctx: &Ctx,
         route: &Route,
     ) -> Result<Response<Body>, Error> {

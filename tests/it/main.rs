@@ -22,3 +22,4 @@ mod store;
 mod store_copy;
 mod streaming;
 mod tls;
+mod tokens;

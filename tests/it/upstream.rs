@@ -216,6 +216,10 @@ async fn handle(s: Arc<Shared>, req: Request<Incoming>) -> Response<Body> {
 /// chat completion ("hello world").
 async fn openai(req: Request<Incoming>) -> Response<Body> {
     let path = req.uri().path().to_string();
+    let ignore_usage = header(&req, "x-mock-usage") == Some("ignore");
+    let events: usize = header(&req, "x-mock-events").and_then(|v| v.parse().ok()).unwrap_or(3);
+    let interval =
+        Duration::from_millis(header(&req, "x-mock-interval-ms").and_then(|v| v.parse().ok()).unwrap_or(20));
     let body = req.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
     let body: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
     if path == "/v1/models" {
@@ -224,6 +228,17 @@ async fn openai(req: Request<Incoming>) -> Response<Body> {
             json!({"object": "list", "data": [{"id": "mock-model", "object": "model", "created": 0, "owned_by": "tests"}]}),
         );
     }
+    let usage = json!({"prompt_tokens": 9, "completion_tokens": 2, "total_tokens": 11});
+    if path == "/v1/embeddings" {
+        return full(
+            StatusCode::OK,
+            json!({"object": "list", "model": "mock-model", "data": [{"object": "embedding", "index": 0, "embedding": [0.5, -0.25]}],
+                   "usage": {"prompt_tokens": 5, "total_tokens": 5}}),
+        );
+    }
+    // As OpenAI: usage on streams only when asked for, as a last chunk with no choices (and
+    // `usage: null` on the others); `x-mock-usage: ignore` plays a server that never reports it.
+    let include_usage = body.pointer("/stream_options/include_usage") == Some(&json!(true)) && !ignore_usage;
     let completion = |delta: bool, content: &str, finish: Option<&str>| {
         let message = json!({"role": "assistant", "content": content});
         let choice = if delta {
@@ -231,19 +246,37 @@ async fn openai(req: Request<Incoming>) -> Response<Body> {
         } else {
             json!({"index": 0, "message": message, "finish_reason": finish, "logprobs": null})
         };
-        json!({
+        let mut c = json!({
             "id": "chatcmpl-mock", "created": 0, "model": "mock-model",
             "object": if delta { "chat.completion.chunk" } else { "chat.completion" },
             "choices": [choice],
-        })
+        });
+        if !delta {
+            c["usage"] = usage.clone();
+        } else if include_usage {
+            c["usage"] = json!(null);
+        }
+        c
     };
     if body["stream"] == json!(true) {
         let (tx, rx) = mpsc::channel(8);
+        let mut last = completion(true, "", None);
+        last["choices"] = json!([]);
+        last["usage"] = usage.clone();
+        let mut parts: Vec<(String, Option<&str>)> = vec![("hello".into(), None)];
+        parts.extend((1..events.max(2) - 1).map(|_| (" world".to_string(), None)));
+        parts.push((String::new(), Some("stop")));
+        let chunks: Vec<serde_json::Value> = parts.iter().map(|(t, f)| completion(true, t, *f)).collect();
         tokio::spawn(async move {
-            for (text, finish) in [("hello", None), (" world", None), ("", Some("stop"))] {
-                let event = format!("data: {}\n\n", completion(true, text, finish));
-                let _ = tx.send(Ok(Frame::data(Bytes::from(event)))).await;
-                tokio::time::sleep(Duration::from_millis(20)).await;
+            for chunk in chunks {
+                let event = format!("data: {chunk}\n\n");
+                if tx.send(Ok(Frame::data(Bytes::from(event)))).await.is_err() {
+                    return;
+                }
+                tokio::time::sleep(interval).await;
+            }
+            if include_usage {
+                let _ = tx.send(Ok(Frame::data(Bytes::from(format!("data: {last}\n\n"))))).await;
             }
             let _ = tx.send(Ok(Frame::data(Bytes::from_static(b"data: [DONE]\n\n")))).await;
         });

@@ -1,0 +1,77 @@
+//! What an admitted LLM request holds until its response ends (§12): a concurrency slot and a
+//! token reservation. Dropping a hold gives both back (the request failed before any byte, or
+//! was refused by a later limit); `settle` replaces the reservation by the usage reported.
+
+use std::sync::Arc;
+
+use super::concurrency::Slot;
+use super::tokens::{Left, Tokens};
+use super::Wall;
+use crate::clock::DAY_MS;
+
+#[derive(Default)]
+pub struct Hold {
+    pub(super) slot: Option<Slot>,
+    pub(super) tokens: Option<TokenHold>,
+}
+
+impl Hold {
+    /// What remained after the reservation, for the headers.
+    pub(super) fn left(&self) -> Option<Left> {
+        self.tokens.as_ref().map(|t| t.left)
+    }
+
+    /// The tokens reserved (0 without token limits).
+    pub fn reserved(&self) -> u64 {
+        self.tokens.as_ref().map_or(0, |t| t.reserved)
+    }
+
+    /// Whether tokens were reserved: the response's usage is wanted.
+    pub fn counts_tokens(&self) -> bool {
+        self.tokens.is_some()
+    }
+
+    /// Charges `used` tokens in place of the reservation, and releases the slot.
+    pub fn settle(mut self, used: u64) {
+        if let Some(t) = self.tokens.take() {
+            t.settle(used);
+        }
+    }
+}
+
+/// One reservation; refunded when dropped unsettled.
+pub struct TokenHold {
+    tokens: Arc<Tokens>,
+    entity: Arc<str>,
+    reserved: u64,
+    day: i64,
+    left: Left,
+    wall: Wall,
+    settled: bool,
+}
+
+impl TokenHold {
+    pub(super) fn new(
+        tokens: Arc<Tokens>,
+        entity: Arc<str>,
+        reserved: u64,
+        now_ms: i64,
+        left: Left,
+        wall: Wall,
+    ) -> TokenHold {
+        TokenHold { tokens, entity, reserved, day: now_ms.div_euclid(DAY_MS), left, wall, settled: false }
+    }
+
+    fn settle(mut self, used: u64) {
+        self.settled = true;
+        self.tokens.settle(&self.entity, self.reserved, self.day, used, (self.wall)());
+    }
+}
+
+impl Drop for TokenHold {
+    fn drop(&mut self) {
+        if !self.settled {
+            self.tokens.settle(&self.entity, self.reserved, self.day, 0, (self.wall)());
+        }
+    }
+}

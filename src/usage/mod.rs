@@ -1,0 +1,127 @@
+//! LLM usage (§12): the request's token estimate (and, for a stream whose client did not ask
+//! for usage, asking the upstream for it), and the response's reported usage settling the
+//! reservation when the body ends (`settle.rs`, read by `meter.rs`).
+//!
+//! A request body is read before admission only when its tier counts tokens, it is JSON, and
+//! it declares a length within `REWRITE_CAP` (every OpenAI SDK sends `content-length`); any
+//! other body is forwarded untouched, estimated from its length alone, and counted in
+//! `tollgate_usage_unparsed_requests_total{reason}`.
+
+pub mod meter;
+pub mod settle;
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{header, HeaderMap, Request};
+use http_body_util::{BodyExt, Limited};
+use hyper::body::Incoming;
+use serde_json::Value;
+
+use crate::body::Outgoing;
+use crate::error::Error;
+
+/// The largest request body read for its estimate (and rewritten).
+pub const REWRITE_CAP: u64 = 4 * 1024 * 1024;
+
+/// The output assumed for a request without `max_tokens`, unless the tier says otherwise.
+pub const DEFAULT_OUTPUT_TOKENS: u64 = 256;
+
+/// What the request side learned.
+#[derive(Debug, Default)]
+pub struct Prepared {
+    /// Prompt bytes ÷ 4 plus the output allowed (`max_tokens`, `max_completion_tokens`,
+    /// `max_output_tokens`, or the tier's `default_output_tokens`).
+    pub estimate: u64,
+    /// `stream_options.include_usage` was added: the usage-only chunk is tollgate's, and is
+    /// stripped from what the client receives.
+    pub injected: bool,
+    /// Why the body was not read, for the metric.
+    pub unparsed: Option<&'static str>,
+}
+
+fn content_length(h: &HeaderMap) -> Option<u64> {
+    h.get(header::CONTENT_LENGTH)?.to_str().ok()?.parse().ok()
+}
+
+fn is_json(h: &HeaderMap) -> bool {
+    h.get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.trim_start().to_ascii_lowercase().starts_with("application/json"))
+}
+
+/// Reads (and if need be rewrites) a token-counted request's body for its estimate; the
+/// request to forward, with its body as read (or untouched).
+pub async fn prepare(
+    req: Request<Incoming>,
+    default_output: u64,
+    inject: bool,
+    read_timeout: Duration,
+) -> Result<(Request<Outgoing>, Prepared), Error> {
+    let (parts, body) = req.into_parts();
+    let (parts, prepared) = read(parts, body, default_output, inject, read_timeout).await?;
+    Ok((parts, prepared))
+}
+
+async fn read(
+    parts: http::request::Parts,
+    body: Incoming,
+    default_output: u64,
+    inject: bool,
+    read_timeout: Duration,
+) -> Result<(Request<Outgoing>, Prepared), Error> {
+    let untouched = |parts, body, p: Prepared| Ok((Request::from_parts(parts, Outgoing::Client(body)), p));
+    let length = content_length(&parts.headers);
+    let unparsed = |reason, len: Option<u64>| Prepared {
+        estimate: len.unwrap_or(0) / 4 + default_output,
+        unparsed: Some(reason),
+        ..Prepared::default()
+    };
+    if !is_json(&parts.headers) {
+        return untouched(parts, body, unparsed("not_json", length));
+    }
+    match length {
+        None => return untouched(parts, body, unparsed("no_length", None)),
+        Some(n) if n > REWRITE_CAP => return untouched(parts, body, unparsed("too_large", Some(n))),
+        Some(_) => {}
+    }
+    let cap = usize::try_from(REWRITE_CAP).unwrap_or(usize::MAX);
+    let read = tokio::time::timeout(read_timeout, Limited::new(body, cap).collect()).await;
+    let bytes = match read {
+        Err(_) => return Err(Error::RequestTimeout { after: read_timeout }),
+        Ok(Err(e)) => return Err(Error::BadRequest(format!("The request body could not be read: {e}"))),
+        Ok(Ok(collected)) => collected.to_bytes(),
+    };
+    let whole = |parts, bytes: Bytes, p: Prepared| {
+        let mut req = Request::from_parts(parts, Outgoing::Rewritten(None));
+        crate::upstream::rewrite_body(&mut req, bytes);
+        Ok((req, p))
+    };
+    let Ok(mut v) = serde_json::from_slice::<Value>(&bytes) else {
+        // Forwarded as it came: the upstream gives the client its own error for it.
+        let p = unparsed("not_json", Some(bytes.len() as u64));
+        return whole(parts, bytes, p);
+    };
+    let output = ["max_tokens", "max_completion_tokens", "max_output_tokens"]
+        .iter()
+        .find_map(|k| v.get(*k).and_then(Value::as_u64))
+        .unwrap_or(default_output);
+    let estimate = (bytes.len() as u64) / 4 + output;
+    let streaming = v.get("stream").and_then(Value::as_bool) == Some(true);
+    let asked = v.pointer("/stream_options/include_usage").and_then(Value::as_bool) == Some(true);
+    if streaming && inject && !asked {
+        if let Some(obj) = v.as_object_mut() {
+            let options = obj.entry("stream_options").or_insert_with(|| Value::Object(Default::default()));
+            if !options.is_object() {
+                *options = Value::Object(Default::default());
+            }
+            if let Some(o) = options.as_object_mut() {
+                o.insert("include_usage".into(), Value::Bool(true));
+            }
+            if let Ok(rewritten) = serde_json::to_vec(&v) {
+                return whole(parts, rewritten.into(), Prepared { estimate, injected: true, unparsed: None });
+            }
+        }
+    }
+    whole(parts, bytes, Prepared { estimate, injected: false, unparsed: None })
+}
