@@ -11,8 +11,10 @@
 //!             authenticate                         auth/, keys/, store/
 //!             (key-management API, served here)    keys/api.rs, keys/lifecycle.rs
 //!             route table ─► scope check           proxy/routes.rs
-//!             rate limit                           limits/
+//!             token estimate (LLM tiers)           usage/mod.rs
+//!             rate limit, tokens, concurrency      limits/ (Redis: limits/redis.rs)
 //!             forward, streaming both ways         upstream/, body/
+//!             usage settled when the body ends     usage/meter.rs, usage/settle.rs
 //!        ─► response; metrics + access log         proxy/access_log.rs, metrics.rs
 //! every failure → one JSON error body              error.rs
 //! ```

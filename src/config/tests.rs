@@ -247,3 +247,30 @@ fn rate_limits_redis_takes_the_url_from_the_environment_and_names_each_mistake()
     let e = Config::from_yaml("rate_limits: { backend: memcached }\n", "t").unwrap_err();
     assert!(e.to_string().contains("expected `local` or `redis`"), "{e}");
 }
+
+#[test]
+fn token_and_concurrency_limits_of_a_tier() {
+    let c = Config::from_yaml(
+        "tiers:\n  a: { requests_per_second: 5, tokens_per_minute: 1000, daily_tokens: 50000, max_concurrent_requests: 3, default_output_tokens: 64 }\nrate_limits: { tokens: { inject_stream_usage: false } }\n",
+        "t",
+    )
+    .unwrap();
+    let t = c.tiers["a"];
+    assert_eq!(
+        (t.tokens_per_minute, t.daily_tokens, t.max_concurrent_requests, t.default_output_tokens),
+        (Some(1000), Some(50000), Some(3), Some(64))
+    );
+    assert!(t.counts_tokens() && !c.rate_limits.inject_stream_usage);
+    assert!(Config::from_yaml("{}", "t").unwrap().rate_limits.inject_stream_usage, "on by default");
+    let e = Config::from_yaml(
+        "tiers:\n  a: { tokens_per_minute: 0, daily_tokens: -1, max_concurrent_requests: lots }\n",
+        "t",
+    )
+    .unwrap_err();
+    let paths: Vec<&str> = e.problems.iter().map(|p| p.path.as_str()).collect();
+    assert_eq!(
+        paths,
+        ["tiers.a.tokens_per_minute", "tiers.a.daily_tokens", "tiers.a.max_concurrent_requests"],
+        "{e}"
+    );
+}

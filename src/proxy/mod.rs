@@ -3,8 +3,11 @@
 //! 1. `reject_key_in_url`, `check_target`, header size — refuse what must never go further;
 //! 2. authenticate — `Authorization: Bearer` → principal (cache → store → Argon2id);
 //! 3. route table → scope check (`/v1/keys…` is then served by tollgate itself);
-//! 4. admit — per-second GCRA + daily budget; never queued, 429 with `Retry-After`;
-//! 5. forward — pooled upstream, streaming both ways;
+//! 4. admit — per-second GCRA + daily budget, and for LLM tiers the token reservation
+//!    (estimated from the body, read first) and a concurrency slot, all or nothing; never
+//!    queued, 429 with `Retry-After`;
+//! 5. forward — pooled upstream, streaming both ways; an LLM response settles its usage when
+//!    its body ends;
 //! 6. response: `x-request-id`, rate-limit headers, then metrics and one access-log line when
 //!    the body ends (`access_log.rs`).
 //!
