@@ -214,10 +214,8 @@ impl<C: Clock + Clone> Limiter<C> {
         estimate: Option<u64>,
         gauge: Option<prometheus::IntGauge>,
     ) -> Result<(Quota, Hold), Box<Rejection>> {
-        let (bucket, entity, _) = self.resolve(key_id, org, tier)?;
-        let hold = self.hold(bucket, entity, tier, estimate, gauge)?;
-        let mut quota = self.decide(bucket, entity, tier)?;
-        quota.tokens = hold.left();
+        let hold = self.hold_for(key_id, org, tier, estimate, gauge)?;
+        let quota = self.check_shared(key_id, org, tier)?.with_tokens(&hold);
         Ok((quota, hold))
     }
 

@@ -183,11 +183,9 @@ async fn a_database_outage_serves_cached_keys_and_answers_others_503_within_the_
     );
 }
 
-/// The change feed's connection cut (the database refused meanwhile) while a key is revoked
-/// elsewhere: once the relay is back, the replica reconnects, catches up, and refuses the key
-/// within a second — with `revocation_poll` an hour, only the feed's catch-up can do it.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_revocation_missed_while_the_feed_was_cut_applies_within_a_second_of_its_return() {
+/// A replica on a database of its own, reached through a relay of the test's own, changes
+/// pushed only (`revocation_poll` an hour), cheap hashes.
+async fn behind_a_relay() -> (Upstream, TestDb, Relay, Tollgate) {
     let up = Upstream::start().await;
     let db = TestDb::create().await;
     let relay = Relay::start("127.0.0.1:5432".parse().unwrap()).await;
@@ -195,6 +193,15 @@ async fn a_revocation_missed_while_the_feed_was_cut_applies_within_a_second_of_i
         .postgres(&relay.postgres_url(&db.name), "connect_timeout: 500ms")
         .section("auth", "{ revocation_poll: 1h, argon2: { memory_kib: 64, iterations: 1, parallelism: 1 } }")
         .start();
+    (up, db, relay, tg)
+}
+
+/// The change feed's connection cut (the database refused meanwhile) while a key is revoked
+/// elsewhere: once the relay is back, the replica reconnects, catches up, and refuses the key
+/// within a second — with `revocation_poll` an hour, only the feed's catch-up can do it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revocation_missed_while_the_feed_was_cut_applies_within_a_second_of_its_return() {
+    let (_up, db, relay, tg) = behind_a_relay().await;
     let client = h1();
     let id = tg.key.split('_').nth(1).unwrap().to_string();
     assert_eq!(models(&client, &tg, &tg.key).await, 200);
@@ -218,13 +225,7 @@ async fn a_revocation_missed_while_the_feed_was_cut_applies_within_a_second_of_i
 /// replica notices, reconnects, catches up and refuses a key revoked meanwhile.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_half_open_feed_is_probed_and_replaced() {
-    let up = Upstream::start().await;
-    let db = TestDb::create().await;
-    let relay = Relay::start("127.0.0.1:5432".parse().unwrap()).await;
-    let tg = Tollgate::builder(&up.url())
-        .postgres(&relay.postgres_url(&db.name), "connect_timeout: 500ms")
-        .section("auth", "{ revocation_poll: 1h, argon2: { memory_kib: 64, iterations: 1, parallelism: 1 } }")
-        .start();
+    let (_up, db, relay, tg) = behind_a_relay().await;
     let client = h1();
     let id = tg.key.split('_').nth(1).unwrap().to_string();
     assert_eq!(models(&client, &tg, &tg.key).await, 200);
