@@ -16,6 +16,8 @@ mod context;
 pub mod routes;
 pub mod target;
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 
 use http::{Request, Response};
@@ -105,7 +107,16 @@ impl Proxy {
         };
         let decided = match &self.state.fleet {
             None => snap.limiter.check_shared(&p.key_id, &p.org, &p.tier),
-            Some(fleet) => fleet.check(&snap.config, &snap.limiter, &p.key_id, &p.org, &p.tier).await,
+            // Boxed behind a `dyn`, so that the fleet's future (a Redis round trip under a
+            // timeout) is neither part of every request's future nor inlined into `pipeline`:
+            // sized and inlined, it took `pipeline` out of line in `handle` even where no fleet
+            // is configured (`benches/load/profile.sh h1`: ~80 instructions per request). One
+            // allocation beside a Redis round trip is nothing.
+            Some(fleet) => {
+                let check: Pin<Box<dyn Future<Output = _> + Send + '_>> =
+                    Box::pin(fleet.check(&snap.config, &snap.limiter, &p.key_id, &p.org, &p.tier));
+                check.await
+            }
         };
         match decided {
             Ok(q) => {
