@@ -58,6 +58,13 @@ impl Proxy {
                 (e.into_response(), code)
             }
         };
+        // x-request-id and up to five rate-limit headers: one growth of the map, not several.
+        // Written here, not in `Ctx::answer`: with the body's observers held as one, this
+        // measured ~90 instructions fewer per request (`benches/load/profile.sh h1`, through
+        // inlining around `handle`; the insert itself is the same call).
+        let h = rsp.headers_mut();
+        h.reserve(6);
+        h.insert(upstream::X_REQUEST_ID, ctx.request_id.clone());
         ctx.answer(&mut rsp, code);
         rsp
     }
