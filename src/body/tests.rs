@@ -181,3 +181,10 @@ async fn a_huge_idle_timeout_does_not_overflow_the_clock() {
     let waited = tokio::time::timeout(Duration::from_millis(50), g.collect()).await;
     assert!(waited.is_err(), "the body should still be waiting");
 }
+
+/// hyper moves a response's `Body` by value several times per response: more observers must
+/// not make every body larger (see `Body::observer`).
+#[test]
+fn a_body_stays_small() {
+    assert!(std::mem::size_of::<Body>() <= 64, "Body is {} bytes", std::mem::size_of::<Body>());
+}

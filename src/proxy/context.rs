@@ -68,12 +68,9 @@ impl Ctx {
         }
     }
 
-    /// Writes what the response carries from the context (`x-request-id`, the rate-limit
-    /// headers) and hands the request's record to its body.
+    /// Writes the rate-limit headers from the context and hands the request's record to the
+    /// response's body. `x-request-id` is written by the caller, before (see `Proxy::handle`).
     pub fn answer(&mut self, rsp: &mut Response<Body>, code: &'static str) {
-        // x-request-id and up to five rate-limit headers: one growth of the map, not several.
-        rsp.headers_mut().reserve(6);
-        rsp.headers_mut().insert(upstream::X_REQUEST_ID, self.request_id.clone());
         if let Some(q) = self.quota.take() {
             q.write_headers(rsp.headers_mut());
         }

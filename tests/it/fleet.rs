@@ -225,7 +225,7 @@ async fn a_revocation_missed_while_the_feed_was_cut_applies_within_a_second_of_i
 /// replica notices, reconnects, catches up and refuses a key revoked meanwhile.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_half_open_feed_is_probed_and_replaced() {
-    let (_up, db, relay, tg) = behind_a_relay().await;
+    let (_up, _db, relay, tg) = behind_a_relay().await;
     let client = h1();
     let id = tg.key.split('_').nth(1).unwrap().to_string();
     assert_eq!(models(&client, &tg, &tg.key).await, 200);
