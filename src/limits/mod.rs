@@ -237,16 +237,6 @@ impl<C: Clock + Clone> Limiter<C> {
         self.hold(bucket, entity, tier, estimate, gauge)
     }
 
-    /// Whether a request of this caller needs a token estimate (its limits count tokens).
-    pub fn counts_tokens(&self, key_id: &Arc<str>, org: &Arc<str>, tier: &str) -> bool {
-        self.resolve(key_id, org, tier).is_ok_and(|(b, _, _)| b.tokens.is_some())
-    }
-
-    /// Whether this caller's limits go beyond requests (tokens or concurrency).
-    pub fn holds(&self, key_id: &Arc<str>, org: &Arc<str>, tier: &str) -> bool {
-        self.resolve(key_id, org, tier).is_ok_and(|(b, _, _)| b.tokens.is_some() || b.concurrency.is_some())
-    }
-
     /// The concurrency slot and the token reservation of one request, before the request
     /// limits are asked (those cannot be given back once governor has counted them): on a
     /// refusal here nothing else was taken; on a refusal after, dropping the hold returns it.

@@ -105,13 +105,15 @@ impl Proxy {
             path: redact_keys(req.uri().path(), &auth.key_prefix),
         })?;
         route.check(principal.scopes())?;
+        // Resolved once: which limits apply, and whether they hold anything past the request.
+        let limits = snap.limiter.limits_of(&principal.key_id, &principal.org, &principal.tier);
+        let holds = limits.is_some_and(|t| t.counts_tokens() || t.max_concurrent_requests.is_some());
         if route.handler == Handler::Keys {
-            self.admit(snap, ctx, None).await?;
+            self.admit(snap, ctx, None, holds).await?;
             return keys_api::handle(&self.state, snap, &principal, req).await;
         }
         // An LLM request of a tier that counts tokens: its body is read for the estimate (and
         // a stream asked for usage) before the decision that reserves it.
-        let limits = snap.limiter.limits_of(&principal.key_id, &principal.org, &principal.tier);
         if let Some(tier) = limits.filter(|t| t.counts_tokens() && req.method() == http::Method::POST) {
             let (req, prepared) = usage::prepare(
                 req,
@@ -123,12 +125,12 @@ impl Proxy {
             if let Some(reason) = prepared.unparsed {
                 self.state.metrics.usage_unparsed.with_label_values(&[reason]).inc();
             }
-            self.admit(snap, ctx, Some(prepared.estimate)).await?;
+            self.admit(snap, ctx, Some(prepared.estimate), true).await?;
             let mut rsp = self.forward(snap, req, ctx, route).await?;
             self.settle_when_done(&mut rsp, ctx, &principal.tier, prepared.injected);
             return Ok(rsp);
         }
-        self.admit(snap, ctx, None).await?;
+        self.admit(snap, ctx, None, holds).await?;
         let mut rsp = self.forward(snap, req, ctx, route).await?;
         if ctx.hold.is_some() {
             self.settle_when_done(&mut rsp, ctx, &principal.tier, false);
@@ -164,28 +166,31 @@ impl Proxy {
 
     /// The rate-limit decision for the authenticated caller; its quota goes into the response
     /// headers whether it admits or refuses.
-    async fn admit(&self, snap: &Snapshot, ctx: &mut Ctx, estimate: Option<u64>) -> Result<(), Error> {
-        let Some(p) = ctx.principal.clone() else {
+    async fn admit(
+        &self,
+        snap: &Snapshot,
+        ctx: &mut Ctx,
+        estimate: Option<u64>,
+        holds: bool,
+    ) -> Result<(), Error> {
+        let Some(p) = ctx.principal.as_deref() else {
             return Ok(());
         };
-        let decided = if snap.limiter.holds(&p.key_id, &p.org, &p.tier) {
+        let decided = if holds {
             // Tokens and concurrency are this replica's (also with Redis, for now): held first,
             // given back by dropping the hold if the request limits refuse.
             let gauge = self.state.metrics.concurrent.with_label_values(&[&p.tier]);
             match snap.limiter.hold_for(&p.key_id, &p.org, &p.tier, estimate, Some(gauge)) {
                 Err(r) => Err(r),
-                Ok(hold) => self.request_limits(snap, &p).await.map(|q| {
-                    let q = q.with_tokens(&hold);
-                    ctx.hold = Some(hold);
-                    q
-                }),
+                Ok(hold) => self.request_limits(snap, p).await.map(|q| (q.with_tokens(&hold), Some(hold))),
             }
         } else {
-            self.request_limits(snap, &p).await
+            self.request_limits(snap, p).await.map(|q| (q, None))
         };
         match decided {
-            Ok(q) => {
+            Ok((q, hold)) => {
                 ctx.quota = Some(q);
+                ctx.hold = hold;
                 Ok(())
             }
             Err(r) => {
