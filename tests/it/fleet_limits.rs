@@ -236,7 +236,11 @@ async fn when_redis_fails_each_tier_answers_as_configured_and_shared_limits_resu
     let client = h1();
     let key = |tier: &str| a.create_key(&["--org", tier, "--tier", tier, "--scope", "inference:read"]);
     let (local, open, closed) = (key("local"), key("open"), key("closed"));
-    assert_eq!(send(&client, call(&a, "GET", "/v1/models", &local, None)).await.status(), 200);
+    // Each key used once while Redis is up: verified and cached, so what is timed below is the
+    // rate-limit decision, not a first Argon2id verification on a loaded machine.
+    for k in [&local, &open, &closed] {
+        assert_eq!(send(&client, call(&a, "GET", "/v1/models", k, None)).await.status(), 200);
+    }
     // Both replicas announced themselves (every second).
     tokio::time::sleep(Duration::from_millis(2500)).await;
 
@@ -260,7 +264,7 @@ async fn when_redis_fails_each_tier_answers_as_configured_and_shared_limits_resu
     let (rsp, body) = send_json(&client, call(&a, "GET", "/v1/models", &closed, None)).await;
     assert_error(&rsp, &body, 503, "unavailable");
     assert_eq!(rsp.headers()["retry-after"], "1");
-    assert!(started.elapsed() < Duration::from_millis(500), "{:?}", started.elapsed());
+    assert!(started.elapsed() < Duration::from_secs(1), "{:?}", started.elapsed());
     assert_eq!(a.metric("tollgate_ratelimit_backend_up").await, Some(0.0));
     for source in ["fallback_local", "fallback_open", "fallback_closed"] {
         let n = a.metric(&format!("tollgate_ratelimit_decisions_total{{source=\"{source}\"}}")).await;
@@ -386,7 +390,8 @@ async fn a_slow_or_write_paused_redis_gets_the_fallback_within_the_timeout() {
             let started = Instant::now();
             let (rsp, body) = send_json(&client, call(&tg, "GET", "/v1/models", &key, None)).await;
             assert_error(&rsp, &body, 503, "unavailable");
-            assert!(started.elapsed() < Duration::from_millis(300), "{fault:?}: {:?}", started.elapsed());
+            // 20 ms of timeout; the margin is for a loaded machine (the fault lasts 2 s).
+            assert!(started.elapsed() < Duration::from_secs(1), "{fault:?}: {:?}", started.elapsed());
         }
         cli.join().unwrap();
         let before = redis_decisions(&tg).await;
