@@ -91,7 +91,7 @@ async fn ten_concurrent_streams_with_four_allowed_run_four_and_refuse_six_at_onc
             running.push(rsp);
         } else {
             assert_eq!(rsp.status(), 429);
-            assert!(started.elapsed() < Duration::from_millis(500), "refused at once");
+            assert!(started.elapsed() < Duration::from_secs(2), "refused at once (the streams run 10 s)");
             let body: serde_json::Value =
                 serde_json::from_slice(&rsp.into_body().collect().await.unwrap().to_bytes()).unwrap();
             assert_eq!(body["error"]["details"]["limit"], "concurrent_requests", "{body}");
