@@ -93,7 +93,10 @@ pub async fn serve(
                 duration: metrics.ratelimit_backend_duration.clone(),
                 decisions: metrics.ratelimit_decisions.clone(),
             };
-            Some(Arc::new(limits::redis::Fleet::new(cfg, m).map_err(StartupError::System)?))
+            let fleet = limits::redis::Fleet::new(cfg, m).map_err(StartupError::System)?;
+            fleet.warm_up(std::time::Duration::from_secs(2)).await;
+            fleet.announce().await;
+            Some(Arc::new(fleet))
         }
     };
     let mut state = state::State::new(snapshot, metrics, auth.clone(), config_path);

@@ -294,6 +294,24 @@ impl Fleet {
         })
     }
 
+    /// Connects before the first request, for up to `within`: the connection is made lazily,
+    /// and a first decision that had to wait for it (a TLS handshake, say) would exceed the
+    /// decision timeout and fall back. Redis down: logged, and `on_error` applies meanwhile.
+    pub async fn warm_up(&self, within: Duration) {
+        let mut conn = self.conn.clone();
+        let cmd = redis::cmd("PING");
+        match tokio::time::timeout(within, cmd.query_async::<String>(&mut conn)).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "Redis rate limits unreachable at start; on_error applies until it answers")
+            }
+            Err(_) => tracing::warn!(
+                ?within,
+                "Redis rate limits not reachable at start; on_error applies until it answers"
+            ),
+        }
+    }
+
     /// Announces this replica and reads how many are live (every `ANNOUNCE_EVERY`).
     pub async fn announce(&self) {
         let set = format!("{}replicas", self.prefix);

@@ -18,6 +18,10 @@ impl RedisServer {
     /// With extra arguments (`--requirepass`, TLS). With `--tls-port`, `port` is the TLS port.
     pub fn start_with(extra: &[&str]) -> RedisServer {
         let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        RedisServer { port, child: RedisServer::spawn(port, extra) }
+    }
+
+    fn spawn(port: u16, extra: &[&str]) -> Child {
         let tls = extra.contains(&"--tls-port");
         let port_args: Vec<String> = if tls {
             vec!["--port".into(), "0".into(), "--tls-port".into(), port.to_string()]
@@ -38,7 +42,19 @@ impl RedisServer {
             assert!(started.elapsed() < Duration::from_secs(10), "redis-server did not start");
             std::thread::sleep(Duration::from_millis(20));
         }
-        RedisServer { port, child }
+        child
+    }
+
+    /// Kills the server (SIGKILL: no goodbye to its clients).
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// A new, empty server on the same port (after `kill`).
+    pub fn restart(&mut self) {
+        let fresh = RedisServer::spawn(self.port, &[]);
+        self.child = fresh;
     }
 
     pub fn url(&self) -> String {
