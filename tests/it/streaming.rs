@@ -81,7 +81,8 @@ async fn clients_that_leave_before_headers_cancel_the_upstream_and_are_counted_a
         let mut s = tokio::net::TcpStream::connect(tg.addr).await.unwrap();
         tokio::io::AsyncWriteExt::write_all(&mut s, req.as_bytes()).await.unwrap();
         let started = up.events().iter().filter(|e| *e == "hang_started").count();
-        let deadline = Instant::now() + Duration::from_secs(5);
+        // Generous: on a loaded machine a cold key's first verification alone can take seconds.
+        let deadline = Instant::now() + Duration::from_secs(20);
         while up.events().iter().filter(|e| *e == "hang_started").count() == started
             && Instant::now() < deadline
         {
@@ -89,7 +90,7 @@ async fn clients_that_leave_before_headers_cancel_the_upstream_and_are_counted_a
         }
         drop(s);
     }
-    let deadline = Instant::now() + Duration::from_secs(5);
+    let deadline = Instant::now() + Duration::from_secs(20);
     while up.events().iter().filter(|e| *e == "hang_cancelled").count() < 5 && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
