@@ -6,7 +6,9 @@
 //! - `POST /v1/chat/completions` (and other POSTs): reads the body, answers a small completion;
 //! - header `x-mock: sse` (`x-mock-events`, `x-mock-interval-ms`): a stream of events, each
 //!   carrying the time it was sent (`"t":<unix ns>`), so that clients can measure the delay a
-//!   proxy adds to every event.
+//!   proxy adds to every event. When the request body asks for usage
+//!   (`"stream_options":{"include_usage":true}`), a usage-only chunk (`"choices":[]`, with
+//!   `usage`; completion tokens = the events sent) comes last before `[DONE]`, as OpenAI's does.
 
 use std::convert::Infallible;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -53,12 +55,28 @@ async fn handle(req: Request<Incoming>) -> Response<Body> {
     if req.headers().get("x-mock").is_some_and(|v| v == "sse") {
         let events = header("x-mock-events").unwrap_or(20);
         let interval = Duration::from_millis(header("x-mock-interval-ms").unwrap_or(20));
+        let body = req.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+        let include_usage = serde_json::from_slice::<serde_json::Value>(&body)
+            .ok()
+            .and_then(|v| v.pointer("/stream_options/include_usage").and_then(serde_json::Value::as_bool))
+            == Some(true);
         let (tx, rx) = mpsc::channel(4);
         tokio::spawn(async move {
             for i in 0..events {
                 tokio::time::sleep(interval).await;
                 let event = format!("data: {{\"n\":{i},\"t\":{}}}\n\n", now_ns());
                 if tx.send(Ok(Frame::data(Bytes::from(event)))).await.is_err() {
+                    return;
+                }
+            }
+            if include_usage {
+                let usage = format!(
+                    "data: {{\"id\":\"chatcmpl-bench\",\"object\":\"chat.completion.chunk\",\"created\":0,\
+                     \"model\":\"bench-model\",\"choices\":[],\"usage\":{{\"prompt_tokens\":9,\
+                     \"completion_tokens\":{events},\"total_tokens\":{}}}}}\n\n",
+                    9 + events
+                );
+                if tx.send(Ok(Frame::data(Bytes::from(usage)))).await.is_err() {
                     return;
                 }
             }
