@@ -50,6 +50,21 @@ fn is_json(h: &HeaderMap) -> bool {
         .is_some_and(|v| v.trim_start().to_ascii_lowercase().starts_with("application/json"))
 }
 
+/// The fields of a request that the estimate and the injection need.
+#[derive(serde::Deserialize)]
+struct Probe {
+    stream: Option<bool>,
+    stream_options: Option<StreamOptions>,
+    max_tokens: Option<u64>,
+    max_completion_tokens: Option<u64>,
+    max_output_tokens: Option<u64>,
+}
+
+#[derive(serde::Deserialize)]
+struct StreamOptions {
+    include_usage: Option<bool>,
+}
+
 /// Reads (and if need be rewrites) a token-counted request's body for its estimate; the
 /// request to forward, with its body as read (or untouched).
 pub async fn prepare(
@@ -97,19 +112,25 @@ async fn read(
         crate::upstream::rewrite_body(&mut req, bytes);
         Ok((req, p))
     };
-    let Ok(mut v) = serde_json::from_slice::<Value>(&bytes) else {
+    // Only the fields that matter, the rest skipped unbuilt: most requests are only read.
+    let Ok(probe) = serde_json::from_slice::<Probe>(&bytes) else {
         // Forwarded as it came: the upstream gives the client its own error for it.
         let p = unparsed("not_json", Some(bytes.len() as u64));
         return whole(parts, bytes, p);
     };
-    let output = ["max_tokens", "max_completion_tokens", "max_output_tokens"]
-        .iter()
-        .find_map(|k| v.get(*k).and_then(Value::as_u64))
+    let output = probe
+        .max_tokens
+        .or(probe.max_completion_tokens)
+        .or(probe.max_output_tokens)
         .unwrap_or(default_output);
     let estimate = (bytes.len() as u64) / 4 + output;
-    let streaming = v.get("stream").and_then(Value::as_bool) == Some(true);
-    let asked = v.pointer("/stream_options/include_usage").and_then(Value::as_bool) == Some(true);
+    let streaming = probe.stream == Some(true);
+    let asked = probe.stream_options.and_then(|o| o.include_usage) == Some(true);
     if streaming && inject && !asked {
+        // The rewrite is the one case that builds the whole document.
+        let Ok(mut v) = serde_json::from_slice::<Value>(&bytes) else {
+            return whole(parts, bytes, Prepared { estimate, injected: false, unparsed: None });
+        };
         if let Some(obj) = v.as_object_mut() {
             let options = obj.entry("stream_options").or_insert_with(|| Value::Object(Default::default()));
             if !options.is_object() {
