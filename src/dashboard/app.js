@@ -242,7 +242,12 @@
     $('limits-summary').textContent = summary;
     const body = $('limits-body');
     body.replaceChildren();
-    for (const [name, l] of Object.entries(me.limits || {})) {
+    // The server's JSON object has no order of its own: the known limits come in this order,
+    // any later one after them.
+    const order = Object.keys(LIMIT_NAMES);
+    const rank = (n) => (order.includes(n) ? order.indexOf(n) : order.length);
+    const entries = Object.entries(me.limits || {}).sort((a, b) => rank(a[0]) - rank(b[0]));
+    for (const [name, l] of entries) {
       const tr = el('tr');
       tr.dataset.limit = name;
       tr.append(cell('Limit', LIMIT_NAMES[name] || name));
@@ -338,6 +343,7 @@
         cell('Workspace', k.workspace),
         cell('Status', status),
         cell('Created', timeEl(k.created_at, '—')),
+        // Written in batches by the server (§2): a key used seconds ago may still say "never".
         cell('Last used', timeEl(k.last_used_at, 'never')),
         cell('Expires', timeEl(k.expires_at, 'never')),
         cell('Actions', actions),

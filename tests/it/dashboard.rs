@@ -231,3 +231,52 @@ async fn tier_scopes_and_default_scopes_bind_the_api_and_the_cli() {
     let active = list["data"].as_array().unwrap().iter().find(|k| k["id"] == id_of(&admin)).unwrap().clone();
     assert!(active["restorable_until"].is_null(), "{active}");
 }
+
+#[tokio::test]
+async fn limits_in_redis_are_read_without_spending_and_a_failure_is_reported() {
+    let redis = crate::redis_server::RedisServer::start();
+    let up = Upstream::start().await;
+    let tg = Tollgate::builder(&up.url())
+        .section("rate_limits", "{ backend: redis, redis: { url_env: TG_TEST_REDIS_URL, timeout: 200ms } }")
+        .section(
+            "tiers",
+            "{ small: { requests_per_second: 2, burst: 5, daily_requests: 20 }, enterprise: {} }",
+        )
+        .env("TG_TEST_REDIS_URL", &redis.url())
+        .start();
+    let client = h1();
+    let key = tg.create_key(&["--org", "acme", "--tier", "small", "--scope", "inference:read"]);
+    let limits = || call(&tg, "GET", "/v1/limits", &key, None);
+    let remaining = |v: &serde_json::Value| {
+        (
+            v["limits"]["requests_per_second"]["remaining"].as_u64(),
+            v["limits"]["daily_requests"]["remaining"].as_u64(),
+            v["limits"]["daily_requests"]["used"].as_u64(),
+        )
+    };
+    for _ in 0..8 {
+        let (rsp, v) = send_json(&client, limits()).await;
+        assert_eq!(rsp.status(), 200, "{v}");
+        assert_eq!((v["backend"].as_str(), v["state"].as_str()), (Some("redis"), Some("ok")), "{v}");
+        assert_eq!(remaining(&v), (Some(5), Some(20), Some(0)), "{v}");
+    }
+    // Reading wrote nothing: Redis holds no state for the organisation yet (only the
+    // replicas' announcement set).
+    assert_eq!(redis.cli(&["KEYS", "*acme*"]), "");
+    for _ in 0..3 {
+        assert_eq!(send(&client, call(&tg, "GET", "/v1/models", &key, None)).await.status(), 200);
+    }
+    let (_, v) = send_json(&client, limits()).await;
+    let (burst_left, day_left, used) = remaining(&v);
+    assert_eq!((day_left, used), (Some(17), Some(3)), "{v}");
+    assert!(burst_left.is_some_and(|b| (2..=3).contains(&b)), "{v}");
+
+    // Redis gone: still 200, the limits themselves, and why what remains is unknown.
+    drop(redis);
+    let (rsp, v) = send_json(&client, limits()).await;
+    assert_eq!(rsp.status(), 200, "{v}");
+    assert_eq!(v["state"], "unavailable", "{v}");
+    assert!(v["message"].as_str().is_some_and(|m| m.contains("Redis")), "{v}");
+    assert_eq!(remaining(&v), (None, None, None), "{v}");
+    assert_eq!(v["limits"]["requests_per_second"]["limit"], 2);
+}
