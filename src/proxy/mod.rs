@@ -75,8 +75,12 @@ impl Proxy {
         check_header_size(req.headers(), snap.config.limits.max_header_bytes)?;
 
         if route.is_some_and(|r| r.handler == Handler::Dashboard) {
-            // The dashboard's own files: public, never limited, nothing goes upstream.
-            return crate::dashboard::serve(req.method(), req.uri().path());
+            // The dashboard's own files: public, never limited, nothing goes upstream. Its only
+            // error is a 404, whose path is redacted like any other.
+            return crate::dashboard::serve(req.method(), req.uri().path()).map_err(|_| Error::NotFound {
+                method: req.method().to_string(),
+                path: redact_keys(req.uri().path(), &snap.config.auth.key_prefix),
+            });
         }
         if let Some(route) = route.filter(|r| r.public) {
             // A public route (config `public: true`): no key, no scope, no limits — and nothing
