@@ -79,6 +79,10 @@ pub enum Error {
     #[error("Your API key does not have permission to perform this action. Keys it creates, rotates or restores must be of its own tier `{current}`, not `{tier}`.")]
     TierForbidden { tier: String, current: String },
 
+    /// A key create or rotate asking for a scope its tier does not allow (`tiers.X.scopes`).
+    #[error("Keys of tier `{tier}` cannot carry the `{scope}` scope; this tier allows: {}.", allowed.join(", "))]
+    ScopeNotAllowed { scope: String, tier: String, allowed: Vec<String> },
+
     /// A key-API restore of a key that would outlive the caller's own key.
     #[error("Your API key does not have permission to perform this action. It expires, and can only restore keys that expire no later than itself.")]
     ExpiryForbidden,
@@ -133,9 +137,10 @@ impl Error {
         match self {
             Error::KeyInUrl { .. } | Error::KeyInPath | Error::BadRequest(_) => StatusCode::BAD_REQUEST,
             Error::Unauthorized { .. } => StatusCode::UNAUTHORIZED,
-            Error::Forbidden { .. } | Error::TierForbidden { .. } | Error::ExpiryForbidden => {
-                StatusCode::FORBIDDEN
-            }
+            Error::Forbidden { .. }
+            | Error::TierForbidden { .. }
+            | Error::ScopeNotAllowed { .. }
+            | Error::ExpiryForbidden => StatusCode::FORBIDDEN,
             Error::NotFound { .. } | Error::KeyNotFound(_) => StatusCode::NOT_FOUND,
             Error::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Error::HeadersTooLarge { .. } | Error::TooManyHeaders { .. } => {
@@ -156,7 +161,10 @@ impl Error {
             Error::KeyInUrl { .. } | Error::KeyInPath => "key_in_url",
             Error::BadRequest(_) => "bad_request",
             Error::Unauthorized { .. } => "unauthorized",
-            Error::Forbidden { .. } | Error::TierForbidden { .. } | Error::ExpiryForbidden => "forbidden",
+            Error::Forbidden { .. }
+            | Error::TierForbidden { .. }
+            | Error::ScopeNotAllowed { .. }
+            | Error::ExpiryForbidden => "forbidden",
             Error::NotFound { .. } | Error::KeyNotFound(_) => "not_found",
             Error::PayloadTooLarge { .. } => "payload_too_large",
             Error::HeadersTooLarge { .. } | Error::TooManyHeaders { .. } => "headers_too_large",
@@ -191,9 +199,10 @@ impl Error {
             | Error::TooManyHeaders { .. }
             | Error::RequestTimeout { .. } => "invalid_request_error",
             Error::Unauthorized { .. } => "authentication_error",
-            Error::Forbidden { .. } | Error::TierForbidden { .. } | Error::ExpiryForbidden => {
-                "permission_error"
-            }
+            Error::Forbidden { .. }
+            | Error::TierForbidden { .. }
+            | Error::ScopeNotAllowed { .. }
+            | Error::ExpiryForbidden => "permission_error",
             Error::RateLimited { .. } => "rate_limit_error",
             Error::UpstreamUnavailable { .. }
             | Error::Unavailable(_)
@@ -211,6 +220,9 @@ impl Error {
             }
             Error::TierForbidden { tier, current } => {
                 json!({ "required_tier": tier, "current_tier": current })
+            }
+            Error::ScopeNotAllowed { scope, tier, allowed } => {
+                json!({ "scope": scope, "tier": tier, "allowed_scopes": allowed })
             }
             Error::PayloadTooLarge { limit } => json!({ "max_body_bytes": limit }),
             Error::HeadersTooLarge { limit } => json!({ "max_header_bytes": limit }),

@@ -10,6 +10,8 @@
 //!             reject keys in the URL, bad targets  proxy/target.rs
 //!             authenticate                         auth/, keys/, store/
 //!             (key-management API, served here)    keys/api.rs, keys/lifecycle.rs
+//!             (the key dashboard, no key needed)   dashboard/
+//!             (GET /v1/limits, any valid key)      limits/report.rs
 //!             route table ─► scope check           proxy/routes.rs
 //!             token estimate (LLM tiers)           usage/mod.rs
 //!             rate limit, tokens, concurrency      limits/ (Redis: limits/redis.rs)
@@ -28,6 +30,7 @@ pub mod body;
 pub mod cli;
 pub mod clock;
 pub mod config;
+pub mod dashboard;
 pub mod error;
 pub mod keys;
 pub mod limits;

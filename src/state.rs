@@ -59,7 +59,7 @@ impl Snapshot {
         };
         Ok(Snapshot {
             limiter: Arc::new(Limiter::from_config(&config, previous.map(|p| p.limiter.as_ref()))),
-            routes: RouteTable::new(&config.routes, config.default_scope.as_deref()),
+            routes: RouteTable::from_config(&config),
             upstream: upstream::Upstream::new(&config.upstream, &config.limits, authorization),
             client,
             config,

@@ -19,8 +19,9 @@ pub(super) enum KeysCommand {
         org: String,
         #[arg(long)]
         tier: String,
-        /// A scope, or a preset: read-only, read-write, admin. Repeatable.
-        #[arg(long = "scope", required = true)]
+        /// A scope, or a preset: read-only, read-write, admin. Repeatable. Omitted: the
+        /// config's `default_scopes`.
+        #[arg(long = "scope")]
         scopes: Vec<String>,
         #[arg(long)]
         name: Option<String>,
@@ -48,6 +49,9 @@ pub(super) enum KeysCommand {
     /// Create a new key with the same org, tier and scopes; the old one stays valid until revoked.
     Rotate {
         id: String,
+        /// The new key's scopes instead of the old key's (repeatable; presets as for create).
+        #[arg(long = "scope")]
+        scopes: Vec<String>,
         #[arg(long)]
         json: bool,
     },
@@ -104,8 +108,10 @@ async fn run_keys(config: Config, command: KeysCommand) -> Result<ExitCode, Stri
                 lifecycle::create(store, &config, spec, &Actor::Cli, None).await.map_err(err)?;
             print_key(&record, &token, json);
         }
-        KeysCommand::Rotate { id, json } => {
-            let (record, token) = lifecycle::rotate(store, &config, &id, &Actor::Cli).await.map_err(err)?;
+        KeysCommand::Rotate { id, scopes, json } => {
+            let scopes = (!scopes.is_empty()).then_some(scopes);
+            let (record, token) =
+                lifecycle::rotate(store, &config, &id, &Actor::Cli, scopes).await.map_err(err)?;
             print_key(&record, &token, json);
         }
         KeysCommand::List { org, json } => {
@@ -134,7 +140,8 @@ async fn run_keys(config: Config, command: KeysCommand) -> Result<ExitCode, Stri
         }
         KeysCommand::Show { id } => {
             let r = lifecycle::fetch(store, &id, None).await.map_err(err)?;
-            println!("{}", serde_json::to_string_pretty(&r.to_json()).unwrap_or_default());
+            let v = r.to_json_with(config.auth.revocation_retention);
+            println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
         }
         KeysCommand::Revoke { id } => {
             let (r, _) = lifecycle::revoke(store, &id, &Actor::Cli).await.map_err(err)?;

@@ -78,8 +78,21 @@ pub struct Config {
     pub tiers: BTreeMap<String, Tier>,
     pub routes: RouteSpec,
     pub default_scope: Option<String>,
+    /// The scopes of a key created without any (§6), normalised.
+    pub default_scopes: Vec<String>,
+    /// `tiers.X.scopes`: the only scopes keys of tier X may carry (normalised). A tier that is
+    /// absent here has no restriction. Kept beside the tiers rather than in `Tier`, which holds
+    /// the rate limits alone (and is copied, compared and divided as such by `limits`).
+    pub tier_scopes: BTreeMap<String, Vec<String>>,
+    pub dashboard: Dashboard,
     /// Peers whose `x-forwarded-for` is believed for the client's address (`client_addr.rs`).
     pub trusted_proxies: crate::net::client_addr::TrustedProxies,
+}
+
+/// `dashboard` (§13): the key dashboard on the public listener.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Dashboard {
+    pub enabled: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

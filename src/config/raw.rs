@@ -22,7 +22,15 @@ pub(super) struct RawConfig {
     pub(super) tiers: Option<BTreeMap<String, RawTier>>,
     pub(super) routes: Option<serde_yaml_ng::Value>,
     pub(super) default_scope: Option<String>,
+    pub(super) default_scopes: Option<Vec<String>>,
     pub(super) trusted_proxies: Option<Vec<String>>,
+    pub(super) dashboard: RawDashboard,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+pub(super) struct RawDashboard {
+    pub(super) enabled: Option<bool>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -156,6 +164,8 @@ pub(super) struct RawTier {
     pub(super) max_concurrent_requests: Option<serde_yaml_ng::Value>,
     pub(super) default_output_tokens: Option<serde_yaml_ng::Value>,
     pub(super) on_store_error: Option<String>,
+    /// Tiers only: the scopes its keys may carry (into `Config::tier_scopes`, not `Tier`).
+    pub(super) scopes: Option<Vec<String>>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -274,3 +274,36 @@ fn token_and_concurrency_limits_of_a_tier() {
         "{e}"
     );
 }
+
+#[test]
+fn tier_scopes_default_scopes_and_dashboard() {
+    let c = Config::from_yaml("{}", "t").unwrap();
+    assert_eq!(c.default_scopes, ["inference:read", "inference:write"]);
+    assert!(c.tier_scopes.is_empty());
+    assert!(c.dashboard.enabled);
+
+    let c = Config::from_yaml(
+        "dashboard: { enabled: false }\ndefault_scopes: [inference:read, vetted:read]\ntiers:\n  audit: { requests_per_second: 5, scopes: [inference:read, inference:write, vetted:read] }\n  enterprise: { requests_per_second: 9 }\n",
+        "t",
+    )
+    .unwrap();
+    assert!(!c.dashboard.enabled);
+    assert_eq!(c.default_scopes, ["inference:read", "vetted:read"]);
+    assert_eq!(c.tier_scopes["audit"], ["inference:read", "inference:write", "vetted:read"]);
+    assert!(!c.tier_scopes.contains_key("enterprise"));
+    // The scope list is not a rate limit: the tier's limits are what they were.
+    assert_eq!(
+        c.tiers["audit"],
+        Tier { requests_per_second: Some(5), burst: Some(5), daily_requests: None, ..Tier::default() }
+    );
+
+    let e = Config::from_yaml(
+        "default_scopes: []\ntiers: { a: { scopes: [\"has space\"] } }\nrate_limits: { overrides: { orgs: { acme: { scopes: [read] } } } }\n",
+        "t",
+    )
+    .unwrap_err();
+    let paths: Vec<&str> = e.problems.iter().map(|p| p.path.as_str()).collect();
+    assert!(paths.contains(&"default_scopes"), "{paths:?}");
+    assert!(paths.contains(&"tiers.a.scopes"), "{paths:?}");
+    assert!(paths.contains(&"rate_limits.overrides.orgs.acme.scopes"), "{paths:?}");
+}

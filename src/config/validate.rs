@@ -150,7 +150,14 @@ impl Validator {
         let store = self.store(raw.store);
         let auth = self.auth(raw.auth);
         let mut rate_limits = self.rate_limits(raw.rate_limits);
-        let tiers = self.tiers(raw.tiers, &mut rate_limits.tier_on_error);
+        let mut tier_scopes = BTreeMap::new();
+        let tiers = self.tiers(raw.tiers, &mut rate_limits.tier_on_error, &mut tier_scopes);
+        // SPEC §6's default: what every key of the built-in route table needs for inference,
+        // and what keys had to be given explicitly before `default_scopes` existed.
+        let default_scopes = self
+            .scopes("default_scopes", raw.default_scopes)
+            .unwrap_or_else(|| vec!["inference:read".into(), "inference:write".into()]);
+        let dashboard = Dashboard { enabled: raw.dashboard.enabled.unwrap_or(true) };
         let routes = self.routes(raw.routes);
         let default_scope = self.nonempty("default_scope", raw.default_scope);
         let mut trusted = Vec::new();
@@ -174,6 +181,9 @@ impl Validator {
             tiers,
             routes,
             default_scope,
+            default_scopes,
+            tier_scopes,
+            dashboard,
             trusted_proxies: crate::net::client_addr::TrustedProxies(trusted),
         }
     }
@@ -442,11 +452,24 @@ impl Validator {
         name
     }
 
-    /// The tiers, and each one's `on_store_error` into `on_error`.
+    /// A list of scopes (presets expanded), sorted and deduplicated; `None` when absent or bad.
+    fn scopes(&mut self, path: &str, v: Option<Vec<String>>) -> Option<Vec<String>> {
+        let v = v?;
+        match crate::keys::normalize_scopes(v.iter().map(String::as_str)) {
+            Ok(s) => Some(s),
+            Err(e) => {
+                self.problem(path, e);
+                None
+            }
+        }
+    }
+
+    /// The tiers, each one's `on_store_error` into `on_error` and `scopes` into `scopes`.
     fn tiers(
         &mut self,
         raw: Option<BTreeMap<String, RawTier>>,
         on_error: &mut BTreeMap<String, OnError>,
+        scopes: &mut BTreeMap<String, Vec<String>>,
     ) -> BTreeMap<String, Tier> {
         let Some(mut raw) = raw else { return default_tiers() };
         for (name, t) in &mut raw {
@@ -454,6 +477,9 @@ impl Validator {
                 self.on_error(&format!("tiers.{name}.on_store_error"), t.on_store_error.take().as_deref())
             {
                 on_error.insert(name.clone(), e);
+            }
+            if let Some(s) = self.scopes(&format!("tiers.{name}.scopes"), t.scopes.take()) {
+                scopes.insert(name.clone(), s);
             }
         }
         self.tier_map("tiers", raw)
@@ -466,6 +492,9 @@ impl Validator {
             let base = format!("{at}.{name}");
             if t.on_store_error.is_some() {
                 self.problem(&format!("{base}.on_store_error"), "set on tiers only");
+            }
+            if t.scopes.is_some() {
+                self.problem(&format!("{base}.scopes"), "set on tiers only");
             }
             let ok = |b: u8| b.is_ascii_alphanumeric() || b"-_.:@".contains(&b);
             if name.is_empty() || name.len() > 64 || !name.bytes().all(ok) {

@@ -23,7 +23,9 @@ const MAX_BODY: usize = 64 * 1024;
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct CreateBody {
-    scopes: Vec<String>,
+    /// Absent: the config's `default_scopes`.
+    #[serde(default)]
+    scopes: Option<Vec<String>>,
     #[serde(default)]
     tier: Option<String>,
     #[serde(default)]
@@ -32,6 +34,14 @@ struct CreateBody {
     workspace: Option<String>,
     #[serde(default)]
     expires_in: Option<String>,
+}
+
+/// `POST /v1/keys/{id}/rotate` takes no body, or new scopes for the new key.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RotateBody {
+    #[serde(default)]
+    scopes: Option<Vec<String>>,
 }
 
 impl From<ManageError> for Error {
@@ -46,6 +56,9 @@ impl From<ManageError> for Error {
                 )
             }
             ManageError::ScopeNotHeld { scope, held } => Error::Forbidden { required: scope, current: held },
+            ManageError::ScopeNotAllowed { scope, tier, allowed } => {
+                Error::ScopeNotAllowed { scope, tier, allowed }
+            }
             ManageError::TierNotHeld { tier, held } => Error::TierForbidden { tier, current: held },
             ManageError::OutlivesActor => Error::ExpiryForbidden,
             ManageError::Store(e) => {
@@ -65,10 +78,15 @@ fn json_response(status: StatusCode, v: serde_json::Value) -> Response<Body> {
     r
 }
 
-fn with_key(record: &KeyRecord, token: &crate::keys::Token) -> serde_json::Value {
-    let mut v = record.to_json();
+fn with_key(snap: &Snapshot, record: &KeyRecord, token: &crate::keys::Token) -> serde_json::Value {
+    let mut v = view(snap, record);
     v["key"] = json!(token.expose());
     v
+}
+
+/// A key as the API shows it: with `restorable_until`, which the dashboard tells its user.
+fn view(snap: &Snapshot, record: &KeyRecord) -> serde_json::Value {
+    record.to_json_with(snap.config.auth.revocation_retention)
 }
 
 /// Serves one `/v1/keys…` request.
@@ -95,7 +113,7 @@ pub async fn handle(
     match (&method, segments.as_slice()) {
         (&Method::GET, []) => {
             let keys = store.list(org).await.map_err(ManageError::from)?;
-            let data: Vec<_> = keys.iter().map(KeyRecord::to_json).collect();
+            let data: Vec<_> = keys.iter().map(|k| view(snap, k)).collect();
             Ok(json_response(StatusCode::OK, json!({ "object": "list", "data": data })))
         }
         (&Method::POST, []) => {
@@ -104,11 +122,11 @@ pub async fn handle(
             let (record, token) = lifecycle::create(store, &snap.config, spec, &actor, None).await?;
             // Nothing is cached for a key that did not exist: the poll need not evict anything.
             state.auth.note_change(&record.id, record.created_at);
-            Ok(json_response(StatusCode::CREATED, with_key(&record, &token)))
+            Ok(json_response(StatusCode::CREATED, with_key(snap, &record, &token)))
         }
         (&Method::GET, [id]) => {
             let r = lifecycle::fetch(store, id, org).await?;
-            Ok(json_response(StatusCode::OK, r.to_json()))
+            Ok(json_response(StatusCode::OK, view(snap, &r)))
         }
         (&Method::GET, [id, "audit"]) => {
             lifecycle::fetch(store, id, org).await?;
@@ -126,17 +144,18 @@ pub async fn handle(
                 }
                 None => state.auth.invalidate(id),
             }
-            Ok(json_response(StatusCode::OK, r.to_json()))
+            Ok(json_response(StatusCode::OK, view(snap, &r)))
         }
         (&Method::POST, [id, "restore"]) => {
             let (r, at) = lifecycle::restore(store, &snap.config, id, &actor).await?;
             state.auth.apply_change(id, at);
-            Ok(json_response(StatusCode::OK, r.to_json()))
+            Ok(json_response(StatusCode::OK, view(snap, &r)))
         }
         (&Method::POST, [id, "rotate"]) => {
-            let (record, token) = lifecycle::rotate(store, &snap.config, id, &actor).await?;
+            let body = read_optional_json::<RotateBody>(req).await?.unwrap_or_default();
+            let (record, token) = lifecycle::rotate(store, &snap.config, id, &actor, body.scopes).await?;
             state.auth.note_change(&record.id, record.created_at);
-            Ok(json_response(StatusCode::CREATED, with_key(&record, &token)))
+            Ok(json_response(StatusCode::CREATED, with_key(snap, &record, &token)))
         }
         _ => Err(not_found()),
     }
@@ -146,8 +165,12 @@ pub async fn handle(
 /// `lifecycle::create` then refuses with 403, as it refuses scopes the caller lacks: the API must
 /// not be a way to escalate privileges).
 fn create_spec(snap: &Snapshot, caller: &Principal, body: CreateBody) -> Result<NewKeySpec, Error> {
-    let scopes =
-        crate::keys::normalize_scopes(body.scopes.iter().map(String::as_str)).map_err(Error::BadRequest)?;
+    let scopes = match &body.scopes {
+        // Empty: `lifecycle::create` gives the config's `default_scopes`.
+        None => Vec::new(),
+        // Given but empty is refused ("at least one scope"), not taken for the defaults.
+        Some(s) => crate::keys::normalize_scopes(s.iter().map(String::as_str)).map_err(Error::BadRequest)?,
+    };
     let expires_in = match &body.expires_in {
         None => None,
         Some(s) => Some(parse_duration(s).map_err(|e| Error::BadRequest(format!("expires_in: {e}")))?),
@@ -168,11 +191,26 @@ fn create_spec(snap: &Snapshot, caller: &Principal, body: CreateBody) -> Result<
     })
 }
 
-async fn read_json<T: serde::de::DeserializeOwned>(req: Request<Incoming>) -> Result<T, Error> {
-    let bytes = Limited::new(req.into_body(), MAX_BODY)
+async fn read_body(req: Request<Incoming>) -> Result<Bytes, Error> {
+    Ok(Limited::new(req.into_body(), MAX_BODY)
         .collect()
         .await
         .map_err(|_| Error::PayloadTooLarge { limit: MAX_BODY as u64 })?
-        .to_bytes();
+        .to_bytes())
+}
+
+async fn read_json<T: serde::de::DeserializeOwned>(req: Request<Incoming>) -> Result<T, Error> {
+    let bytes = read_body(req).await?;
     serde_json::from_slice(&bytes).map_err(|e| Error::BadRequest(format!("Invalid JSON body: {e}")))
+}
+
+/// A JSON body that may also be absent (empty): rotate was bodiless before it took scopes.
+async fn read_optional_json<T: serde::de::DeserializeOwned>(
+    req: Request<Incoming>,
+) -> Result<Option<T>, Error> {
+    let bytes = read_body(req).await?;
+    if bytes.iter().all(u8::is_ascii_whitespace) {
+        return Ok(None);
+    }
+    serde_json::from_slice(&bytes).map(Some).map_err(|e| Error::BadRequest(format!("Invalid JSON body: {e}")))
 }

@@ -22,6 +22,10 @@ pub enum ManageError {
     /// The actor would hand out a scope it does not hold.
     #[error("a key can only issue keys with scopes it holds itself; `{scope}` is not one of them")]
     ScopeNotHeld { scope: String, held: Vec<String> },
+    /// The key's tier does not allow one of its scopes (`tiers.X.scopes`). The same words as
+    /// the API's 403, so that the CLI's message matches it.
+    #[error("Keys of tier `{tier}` cannot carry the `{scope}` scope; this tier allows: {}.", allowed.join(", "))]
+    ScopeNotAllowed { scope: String, tier: String, allowed: Vec<String> },
     /// The actor would bring back a key that expires after the actor itself.
     #[error("a key can only restore keys that expire no later than itself")]
     OutlivesActor,
@@ -88,6 +92,7 @@ impl Actor<'_> {
 pub struct NewKeySpec {
     pub org: String,
     pub tier: String,
+    /// Empty: the config's `default_scopes`.
     pub scopes: Vec<String>,
     pub name: Option<String>,
     pub workspace: Option<String>,
@@ -142,8 +147,14 @@ pub async fn create(
     let workspace =
         spec.workspace.or_else(|| config.auth.workspace.clone()).unwrap_or_else(|| "default".into());
     check_name("workspace", &workspace)?;
-    let scopes =
-        keys::normalize_scopes(spec.scopes.iter().map(String::as_str)).map_err(ManageError::Invalid)?;
+    let scopes = if spec.scopes.is_empty() {
+        config.default_scopes.clone()
+    } else {
+        keys::normalize_scopes(spec.scopes.iter().map(String::as_str)).map_err(ManageError::Invalid)?
+    };
+    // The tier's rule binds everyone, the operator's CLI included; the actor's own bounds
+    // come after it.
+    allowed_by_tier(config, &spec.tier, &scopes)?;
     actor.may_issue(&spec.tier, &scopes)?;
     let name = spec.name.unwrap_or_default();
     if name.len() > 128 || name.chars().any(char::is_control) {
@@ -184,6 +195,21 @@ pub async fn create(
     let detail = rotated_from.map(|old| format!("rotated from {old}"));
     store.insert(&record, &audit(&record, "create", actor.name(), now, detail)).await?;
     Ok((record, new.token))
+}
+
+/// Refuses scopes outside the tier's `tiers.X.scopes` (no list: any scope).
+pub fn allowed_by_tier(config: &Config, tier: &str, scopes: &[String]) -> Result<(), ManageError> {
+    let Some(allowed) = config.tier_scopes.get(tier) else {
+        return Ok(());
+    };
+    match scopes.iter().find(|s| !allowed.contains(s)) {
+        None => Ok(()),
+        Some(s) => Err(ManageError::ScopeNotAllowed {
+            scope: s.clone(),
+            tier: tier.to_string(),
+            allowed: allowed.clone(),
+        }),
+    }
 }
 
 /// Fetches a key, as seen from `org` (`None`: any organisation, for the CLI). A key of another
@@ -254,22 +280,30 @@ pub async fn restore(
     Ok((r, now))
 }
 
-/// Creates a new key with the same organisation, workspace, tier and scopes. The old key stays
-/// valid, so the new one can be deployed before the old one is revoked (zero-downtime rotation).
-/// The new key is issued by `actor`, under the same rules as `create`.
+/// Creates a new key with the same organisation, workspace, tier and scopes — or `scopes`,
+/// when given (the seeds' "inherits scope set from the predecessor unless you specify
+/// otherwise"). The old key stays valid, so the new one can be deployed before the old one is
+/// revoked (zero-downtime rotation). The new key is issued by `actor`, under the same rules as
+/// `create`.
 pub async fn rotate(
     store: &dyn KeyStore,
     config: &Config,
     id: &str,
     actor: &Actor<'_>,
+    scopes: Option<Vec<String>>,
 ) -> Result<(KeyRecord, Token), ManageError> {
     let old = fetch(store, id, actor.org()).await?;
+    let scopes = match scopes {
+        // Asked for explicitly, an empty list is a mistake, not "the defaults".
+        Some(s) => keys::normalize_scopes(s.iter().map(String::as_str)).map_err(ManageError::Invalid)?,
+        None => old.scopes.clone(),
+    };
     let remaining =
         old.expires_at.map(|e| Duration::from_millis(u64::try_from(e - clock::now_ms()).unwrap_or(0)));
     let spec = NewKeySpec {
         org: old.org.clone(),
         tier: old.tier.clone(),
-        scopes: old.scopes.clone(),
+        scopes,
         name: Some(old.name.clone()),
         workspace: Some(old.workspace.clone()),
         expires_in: remaining,

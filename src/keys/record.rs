@@ -68,6 +68,22 @@ impl KeyRecord {
         })
     }
 
+    /// Until when a revoked key can be restored (`auth.revocation_retention` after its
+    /// revocation); `None` for a key that is not revoked.
+    pub fn restorable_until(&self, retention: std::time::Duration) -> Option<i64> {
+        let window = i64::try_from(retention.as_millis()).unwrap_or(i64::MAX);
+        self.revoked_at.map(|at| at.saturating_add(window))
+    }
+
+    /// `to_json` with `restorable_until` (RFC 3339, `null` unless revoked), as the HTTP API
+    /// and the dashboard show it.
+    pub fn to_json_with(&self, retention: std::time::Duration) -> serde_json::Value {
+        let mut v = self.to_json();
+        v["restorable_until"] =
+            serde_json::json!(self.restorable_until(retention).map(crate::clock::rfc3339));
+        v
+    }
+
     pub fn status(&self, now_ms: i64) -> &'static str {
         if self.revoked_at.is_some() {
             "revoked"

@@ -12,9 +12,11 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use dashmap::DashMap;
-use governor::clock::{Clock, DefaultClock};
+use governor::clock::{Clock, DefaultClock, Reference};
 use governor::middleware::StateInformationMiddleware;
-use governor::state::keyed::DashMapStateStore;
+use governor::nanos::Nanos;
+use governor::state::keyed::{DashMapStateStore, ShrinkableKeyedStateStore};
+use governor::state::StateStore;
 use governor::{Quota as GovernorQuota, RateLimiter};
 
 use crate::clock::DAY_MS;
@@ -25,6 +27,7 @@ pub mod concurrency;
 mod hold;
 mod quota;
 pub mod redis;
+pub mod report;
 pub mod tokens;
 
 pub use hold::{Hold, TokenHold};
@@ -34,7 +37,57 @@ use quota::put_openai_duration;
 pub use quota::Quota;
 use quota::{seconds_ceil, Fixed};
 
-type Gcra<C> = RateLimiter<Arc<str>, DashMapStateStore<Arc<str>>, C, StateInformationMiddleware>;
+type Gcra<C> = RateLimiter<Arc<str>, SharedCells, C, StateInformationMiddleware>;
+
+/// governor's own DashMap of GCRA cells, shared with the bucket so that `peek` can read a cell.
+/// governor keeps its state store private and offers no read-only check (every `check_key`
+/// consumes a cell), but its `StateStore` trait lets the caller own the store: this one hands
+/// every operation to the DashMap, and `peek` reads a cell's theoretical arrival time through
+/// the same trait with a closure that declines to replace it — nothing is consumed.
+#[derive(Default, Clone)]
+pub struct SharedCells(Arc<DashMapStateStore<Arc<str>>>);
+
+impl StateStore for SharedCells {
+    type Key = Arc<str>;
+
+    fn measure_and_replace<T, F, E>(&self, key: &Arc<str>, f: F) -> Result<T, E>
+    where
+        F: Fn(Option<Nanos>) -> Result<(T, Nanos), E>,
+    {
+        self.0.measure_and_replace(key, f)
+    }
+}
+
+impl ShrinkableKeyedStateStore<Arc<str>> for SharedCells {
+    fn retain_recent(&self, drop_below: Nanos) {
+        ShrinkableKeyedStateStore::retain_recent(&*self.0, drop_below)
+    }
+
+    fn shrink_to_fit(&self) {
+        ShrinkableKeyedStateStore::shrink_to_fit(&*self.0)
+    }
+
+    fn len(&self) -> usize {
+        ShrinkableKeyedStateStore::len(&*self.0)
+    }
+
+    fn is_empty(&self) -> bool {
+        ShrinkableKeyedStateStore::is_empty(&*self.0)
+    }
+}
+
+impl SharedCells {
+    /// The theoretical arrival time of `entity`'s cell (nanoseconds after the limiter's start),
+    /// `None` for an entity without state (a full bucket). Read-only: an absent entity is not
+    /// inserted, and the closure's `Err` tells governor to leave the cell as it is.
+    fn tat(&self, entity: &Arc<str>) -> Option<u64> {
+        if !self.0.contains_key(entity) {
+            return None;
+        }
+        let read: Result<(), Option<Nanos>> = self.0.measure_and_replace(entity, Err);
+        read.err().flatten().map(Nanos::as_u64)
+    }
+}
 
 /// Wall clock in Unix milliseconds (the UTC day of the daily budget).
 pub type Wall = Arc<dyn Fn() -> i64 + Send + Sync>;
@@ -43,6 +96,9 @@ pub type Wall = Arc<dyn Fn() -> i64 + Send + Sync>;
 pub struct Bucket<C: Clock + Clone> {
     limits: Tier,
     gcra: Option<Gcra<C>>,
+    /// The GCRA's cells (shared with `gcra`) and its reference instant, for `peek`.
+    cells: SharedCells,
+    start: C::Instant,
     /// Per limited entity: (UTC day number, requests admitted that day).
     daily: DashMap<Arc<str>, Mutex<(i64, u64)>>,
     /// The header values that depend on the limits alone, formatted once.
@@ -54,12 +110,17 @@ pub struct Bucket<C: Clock + Clone> {
 
 impl<C: Clock + Clone> Bucket<C> {
     fn new(limits: Tier, clock: &C) -> Bucket<C> {
+        let cells = SharedCells::default();
+        // governor takes its own start from the clock inside `new`, a moment after this one;
+        // `peek` measures from this one, so it sees time at most those nanoseconds later than
+        // governor does (never an earlier, emptier bucket). With a fake clock both are equal.
+        let start = clock.now();
         let gcra = limits.requests_per_second.and_then(NonZeroU32::new).map(|rps| {
             let burst = limits.burst.and_then(NonZeroU32::new).unwrap_or(rps);
             let quota = GovernorQuota::per_second(rps).allow_burst(burst);
             RateLimiter::<Arc<str>, _, C, governor::middleware::NoOpMiddleware<C::Instant>>::new(
                 quota,
-                DashMapStateStore::default(),
+                cells.clone(),
                 clock.clone(),
             )
             .with_middleware::<StateInformationMiddleware>()
@@ -77,12 +138,54 @@ impl<C: Clock + Clone> Bucket<C> {
         Bucket {
             limits,
             gcra,
+            cells,
+            start,
             daily: DashMap::new(),
             fixed: full.format_fixed().map(Arc::new),
             tokens: tokens::Tokens::new(limits.tokens_per_minute, limits.daily_tokens).map(Arc::new),
             concurrency: concurrency::Concurrency::new(limits.max_concurrent_requests),
         }
     }
+
+    /// The limits of this bucket (what `/v1/limits` reports).
+    pub fn limits(&self) -> &Tier {
+        &self.limits
+    }
+}
+
+/// What remains for one entity, read without consuming anything (`/v1/limits`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Peek {
+    /// Whose state it is: `organisation`, `key`, `organisation override`, `key override`.
+    pub applies_to: &'static str,
+    /// (burst, requests admissible at once now, requests per second, ms until the bucket is full).
+    pub per_second: Option<(u32, u32, u32, i64)>,
+    /// (daily budget, used today, remaining today, ms until 00:00 UTC).
+    pub daily: Option<(u64, u64, u64, i64)>,
+}
+
+impl Peek {
+    /// The rate-limit headers of a response that consumed nothing.
+    pub fn quota(&self) -> Quota {
+        Quota {
+            per_second: self.per_second.map(|(burst, remaining, rps, _)| (burst, remaining, rps)),
+            daily: self.daily.map(|(budget, _, remaining, ms)| (budget, remaining, ms)),
+            fixed: None,
+            tokens: None,
+        }
+    }
+}
+
+/// GCRA arithmetic shared by the local peek and the reading of Redis's state: with `tat` the
+/// theoretical arrival time, `now`, and `t` the emission interval (same unit), a request is
+/// admitted while `tat - now <= (burst - 1) · t` (governor: `t0 >= tat - tau`, tau =
+/// (burst-1)·t), so `floor((burst·t - (tat - now)) / t)` requests fit now, and the bucket is
+/// full again `tat - now` from now.
+fn gcra_remaining(burst: u32, tat: Option<u64>, now: u64, t: u64) -> (u32, u64) {
+    let ahead = tat.map_or(0, |tat| tat.saturating_sub(now));
+    let capacity = u64::from(burst).saturating_mul(t.max(1));
+    let fit = capacity.saturating_sub(ahead) / t.max(1);
+    (u32::try_from(fit.min(u64::from(burst))).unwrap_or(burst), ahead)
 }
 
 /// Which state a decision uses: the kind of bucket and of entity (part of the fleet's Redis
@@ -93,6 +196,16 @@ pub(crate) enum Scope {
     OrgOverride,
     TierPerOrg,
     TierPerKey,
+}
+
+/// `Peek::applies_to` of a scope.
+pub(crate) fn applies_to(scope: Scope) -> &'static str {
+    match scope {
+        Scope::KeyOverride => "key override",
+        Scope::OrgOverride => "organisation override",
+        Scope::TierPerOrg => "organisation",
+        Scope::TierPerKey => "key",
+    }
 }
 
 /// What `resolve` finds: the bucket, the entity whose state it is, and the kind of both.
@@ -294,6 +407,49 @@ impl<C: Clock + Clone> Limiter<C> {
             }
         }
         Ok(hold)
+    }
+
+    /// What remains for the caller now and today, without consuming anything: the GCRA's cell
+    /// is read (not checked), the daily counter is read. The tier name is the one reported.
+    pub fn peek(
+        &self,
+        key_id: &Arc<str>,
+        org: &Arc<str>,
+        tier: &str,
+    ) -> Result<(Tier, Peek), Box<Rejection>> {
+        let (bucket, entity, scope) = self.resolve(key_id, org, tier)?;
+        Ok((bucket.limits, self.peek_bucket(bucket, entity, scope)))
+    }
+
+    fn peek_bucket(&self, bucket: &Bucket<C>, entity: &Arc<str>, scope: Scope) -> Peek {
+        let now_ms = (self.wall)();
+        let day = now_ms.div_euclid(DAY_MS);
+        let until_midnight = (day + 1) * DAY_MS - now_ms;
+        let daily = bucket.limits.daily_requests.map(|budget| {
+            let used = bucket.daily.get(entity).map_or(0, |slot| {
+                let used = slot.lock().unwrap_or_else(|e| e.into_inner());
+                if used.0 == day {
+                    used.1
+                } else {
+                    0
+                }
+            });
+            (budget, used, budget.saturating_sub(used), until_midnight)
+        });
+        let per_second = match (&bucket.gcra, bucket.limits.requests_per_second) {
+            (Some(_), Some(rps)) => {
+                let burst = bucket.limits.burst.unwrap_or(rps);
+                // governor's emission interval for `per_second(rps)`: whole nanoseconds.
+                let t = GovernorQuota::per_second(NonZeroU32::new(rps).unwrap_or(NonZeroU32::MIN))
+                    .replenish_interval();
+                let t = u64::try_from(t.as_nanos()).unwrap_or(u64::MAX);
+                let now = self.clock.now().duration_since(bucket.start).as_u64();
+                let (remaining, ahead) = gcra_remaining(burst, bucket.cells.tat(entity), now, t);
+                Some((burst, remaining, rps, i64::try_from(ahead / 1_000_000).unwrap_or(i64::MAX)))
+            }
+            _ => None,
+        };
+        Peek { applies_to: applies_to(scope), per_second, daily }
     }
 
     /// Which limits apply to a request, and to whose state: a key's override, its

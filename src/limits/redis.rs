@@ -34,11 +34,13 @@ use prometheus::{Histogram, IntCounterVec, IntGauge};
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 
 use super::quota::Quota;
-use super::{reject, Limiter, Rejection, Scope};
+use super::{reject, Limiter, Peek, Rejection, Scope};
 use crate::config::{self, Config, OnError, Tier};
 use crate::error::{Error, Limit};
 
 const SCRIPT: &str = include_str!("redis.lua");
+/// The read-only look of `GET /v1/limits` at the same two keys.
+const PEEK_SCRIPT: &str = include_str!("redis_peek.lua");
 
 /// Failures in a row that open the breaker, and its back-off.
 const BREAKER_FAILURES: u32 = 3;
@@ -59,6 +61,7 @@ pub struct FleetMetrics {
 pub struct Fleet {
     conn: ConnectionManager,
     script: redis::Script,
+    peek_script: redis::Script,
     prefix: String,
     timeout: Duration,
     on_error: OnError,
@@ -121,6 +124,7 @@ impl Fleet {
         Ok(Fleet {
             conn,
             script: redis::Script::new(SCRIPT),
+            peek_script: redis::Script::new(PEEK_SCRIPT),
             prefix: cfg.key_prefix.clone(),
             timeout: cfg.timeout,
             on_error: cfg.on_error,
@@ -310,6 +314,54 @@ impl Fleet {
                 "Redis rate limits not reachable at start; on_error applies until it answers"
             ),
         }
+    }
+
+    /// What remains for the caller in the fleet's shared state, read without consuming
+    /// anything (`GET /v1/limits`). Bounded by the same `timeout` as a decision; a failure is
+    /// reported (`Err`, a message for the caller), never waited out, and leaves the breaker
+    /// alone: a look at the limits must not decide how requests are limited.
+    pub async fn peek(
+        &self,
+        limiter: &Limiter,
+        key_id: &Arc<str>,
+        org: &Arc<str>,
+        tier: &str,
+    ) -> Result<(Tier, Result<Peek, String>), Box<Rejection>> {
+        let (bucket, entity, scope) = limiter.resolve(key_id, org, tier)?;
+        let limits = bucket.limits;
+        let applies_to = super::applies_to(scope);
+        if limits.requests_per_second.is_none() && limits.daily_requests.is_none() {
+            return Ok((limits, Ok(Peek { applies_to, per_second: None, daily: None })));
+        }
+        let base = self.key_base(scope, entity, tier, &limits);
+        let interval = limits.requests_per_second.map_or(0.0, |r| 1e6 / f64::from(r.max(1)));
+        let burst = limits.burst.or(limits.requests_per_second).unwrap_or(1);
+        let mut conn = self.conn.clone();
+        let mut call = self.peek_script.key(format!("{base}:gcra"));
+        call.key(format!("{base}:day")).arg(interval).arg(burst);
+        let asked = tokio::time::timeout(self.timeout, call.invoke_async::<Vec<i64>>(&mut conn)).await;
+        let unknown =
+            |why: String| Ok((limits, Err(format!("{why}; the shared limits are unknown right now."))));
+        let v = match asked {
+            Ok(Ok(v)) => v,
+            Ok(Err(e)) => {
+                tracing::debug!(error = %e, "Redis limits peek failed");
+                return unknown("Redis could not be read".into());
+            }
+            Err(_) => return unknown(format!("Redis did not answer within {}ms", self.timeout.as_millis())),
+        };
+        let [remaining, ahead_us, used, midnight_us] = v[..] else {
+            return unknown("Redis gave an unexpected answer".into());
+        };
+        let per_second = limits.requests_per_second.map(|rps| {
+            let burst = limits.burst.unwrap_or(rps);
+            (burst, u32::try_from(remaining.max(0)).unwrap_or(0), rps, ahead_us.max(0) / 1000)
+        });
+        let daily = limits.daily_requests.map(|budget| {
+            let used = u64::try_from(used.max(0)).unwrap_or(0);
+            (budget, used, budget.saturating_sub(used), midnight_us.max(0) / 1000)
+        });
+        Ok((limits, Ok(Peek { applies_to, per_second, daily })))
     }
 
     /// Announces this replica and reads how many are live (every `ANNOUNCE_EVERY`).

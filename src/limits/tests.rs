@@ -376,3 +376,37 @@ fn concurrency_slots_are_held_until_the_hold_goes() {
     drop(c);
     assert_eq!(l.in_flight("acme"), 0);
 }
+
+#[test]
+fn peek_reads_what_remains_without_consuming_it() {
+    let f = Fixture::new();
+    let l = f.limiter("tiers: { t: { requests_per_second: 10, burst: 4, daily_requests: 6 } }");
+    let (k, o): (Arc<str>, Arc<str>) = ("k1".into(), "acme".into());
+    // Nothing known yet: a full bucket, the whole budget, and no state created by looking.
+    let (limits, p) = l.peek(&k, &o, "t").unwrap();
+    assert_eq!(limits.burst, Some(4));
+    assert_eq!(p.per_second, Some((4, 4, 10, 0)));
+    assert_eq!(p.daily, Some((6, 0, 6, DAY_MS / 2)));
+    assert_eq!(l.tracked(), 0);
+
+    for _ in 0..3 {
+        l.check("k1", "acme", "t").unwrap();
+    }
+    // Peeking any number of times changes nothing: the next check still admits exactly one.
+    for _ in 0..10 {
+        let (_, p) = l.peek(&k, &o, "t").unwrap();
+        assert_eq!(p.per_second, Some((4, 1, 10, 300)));
+        assert_eq!(p.daily, Some((6, 3, 3, DAY_MS / 2)));
+    }
+    l.check("k1", "acme", "t").unwrap();
+    assert!(l.check("k1", "acme", "t").is_err());
+    assert_eq!(l.peek(&k, &o, "t").unwrap().1.per_second, Some((4, 0, 10, 400)));
+
+    // 100 ms refill one cell, exactly as the GCRA admits it.
+    f.advance(Duration::from_millis(100));
+    assert_eq!(l.peek(&k, &o, "t").unwrap().1.per_second, Some((4, 1, 10, 300)));
+    l.check("k1", "acme", "t").unwrap();
+    assert_eq!(l.peek(&k, &o, "t").unwrap().1.daily, Some((6, 5, 1, DAY_MS / 2 - 100)));
+    // A tier that is not configured is the same 500 as for a request.
+    assert!(l.peek(&k, &o, "nope").is_err());
+}

@@ -2,7 +2,8 @@
 //!
 //! 1. `reject_key_in_url`, `check_target`, header size — refuse what must never go further;
 //! 2. authenticate — `Authorization: Bearer` → principal (cache → store → Argon2id);
-//! 3. route table → scope check (`/v1/keys…` is then served by tollgate itself);
+//! 3. route table → scope check (`/v1/keys…` is then served by tollgate itself; `/v1/limits`
+//!    needs a valid key only and skips admission; `/dashboard…` needs no key at all);
 //! 4. admit — per-second GCRA + daily budget, and for LLM tiers the token reservation
 //!    (estimated from the body, read first) and a concurrency slot, all or nothing; never
 //!    queued, 429 with `Retry-After`;
@@ -88,6 +89,14 @@ impl Proxy {
         check_target(req.uri(), req.version(), req.headers())?;
         check_header_size(req.headers(), snap.config.limits.max_header_bytes)?;
 
+        if route.is_some_and(|r| r.handler == Handler::Dashboard) {
+            // The dashboard's own files: public, never limited, nothing goes upstream. Its only
+            // error is a 404, whose path is redacted like any other.
+            return crate::dashboard::serve(req.method(), req.uri().path()).map_err(|_| Error::NotFound {
+                method: req.method().to_string(),
+                path: redact_keys(req.uri().path(), &snap.config.auth.key_prefix),
+            });
+        }
         if let Some(route) = route.filter(|r| r.public) {
             // A public route (config `public: true`): no key, no scope, no limits — and nothing
             // about a caller goes upstream (the client's Authorization and x-tollgate-* never do).
@@ -104,6 +113,19 @@ impl Proxy {
             // still not echoed.
             path: redact_keys(req.uri().path(), &auth.key_prefix),
         })?;
+        if route.handler == Handler::Limits {
+            // Any valid key may read its own limits, and reading them must not spend them:
+            // no scope check, no admission.
+            if req.method() != http::Method::GET && req.method() != http::Method::HEAD {
+                return Err(Error::NotFound {
+                    method: req.method().to_string(),
+                    path: route.label.to_string(),
+                });
+            }
+            let (rsp, quota) = crate::limits::report::handle(&self.state, snap, &principal).await?;
+            ctx.quota = quota;
+            return Ok(rsp);
+        }
         route.check(principal.scopes())?;
         // Resolved once: which limits apply, and whether they hold anything past the request.
         let limits = snap.limiter.limits_of(&principal.key_id, &principal.org, &principal.tier);

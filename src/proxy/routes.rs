@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use http::Method;
 
-use crate::config::{RouteRule, RouteSpec};
+use crate::config::{Config, RouteRule, RouteSpec};
 use crate::error::Error;
 
 /// Who answers a matched request.
@@ -15,6 +15,10 @@ pub enum Handler {
     Upstream,
     /// Served by tollgate itself: the key-management API of §6.
     Keys,
+    /// Served by tollgate itself to any valid key, without admission: `GET /v1/limits` (§13).
+    Limits,
+    /// The key dashboard's page and assets (§13): no key, no limits.
+    Dashboard,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -96,13 +100,35 @@ pub struct RouteTable {
 }
 
 impl RouteTable {
+    /// The table of a config: its route spec, `default_scope` and `dashboard.enabled`.
+    pub fn from_config(config: &Config) -> RouteTable {
+        RouteTable::build(&config.routes, config.default_scope.as_deref(), config.dashboard.enabled)
+    }
+
+    /// A table with the dashboard on (its default).
     pub fn new(spec: &RouteSpec, default_scope: Option<&str>) -> RouteTable {
-        // The key API is tollgate's own and always needs `admin:keys`: it comes first in every
-        // table so that a custom list can neither shadow nor weaken it.
+        RouteTable::build(spec, default_scope, true)
+    }
+
+    fn build(spec: &RouteSpec, default_scope: Option<&str>, dashboard: bool) -> RouteTable {
+        // tollgate's own routes come first in every table, so that a custom list can neither
+        // shadow nor weaken them: the key API always needs `admin:keys`; `/v1/limits` needs a
+        // valid key and no scope (it is the caller's own information); the dashboard needs
+        // nothing (the page is public, its API calls carry the key). They take any method: the
+        // handlers answer 404 to the ones they do not serve, rather than a REST table's
+        // catch-all forwarding them upstream.
         let mut routes = vec![
             Route::new(None, "/v1/keys", "admin:keys", Handler::Keys),
             Route::new(None, "/v1/keys/*", "admin:keys", Handler::Keys),
+            Route::new(None, "/v1/limits", "", Handler::Limits),
         ];
+        if dashboard {
+            for p in ["/dashboard", "/dashboard/*"] {
+                let mut route = Route::new(None, p, "", Handler::Dashboard);
+                route.public = true;
+                routes.push(route);
+            }
+        }
         match spec {
             RouteSpec::OpenAi => {
                 for p in ["/v1/models", "/v1/models/*"] {
@@ -183,6 +209,28 @@ mod tests {
         let t = RouteTable::new(&RouteSpec::OpenAi, Some("inference:read"));
         let r = t.find(&Method::GET, "/health").unwrap();
         assert_eq!((&*r.label, &*r.scope), ("default", "inference:read"));
+    }
+
+    #[test]
+    fn own_routes_come_first_in_every_table() {
+        let list = RouteSpec::List(vec![RouteRule {
+            method: None,
+            path: "/*".into(),
+            scope: Some("anything".into()),
+        }]);
+        for spec in [RouteSpec::OpenAi, RouteSpec::Rest, list] {
+            let t = RouteTable::new(&spec, Some("inference:read"));
+            assert_eq!(t.find(&Method::GET, "/v1/limits").unwrap().handler, Handler::Limits);
+            assert_eq!(t.find(&Method::POST, "/v1/keys/x/rotate").unwrap().handler, Handler::Keys);
+            for p in ["/dashboard", "/dashboard/app.js"] {
+                let r = t.find(&Method::GET, p).unwrap();
+                assert_eq!((r.handler, r.public), (Handler::Dashboard, true), "{p}");
+            }
+            let off = RouteTable::build(&spec, None, false);
+            assert!(off.find(&Method::GET, "/dashboard").is_none_or(|r| r.handler != Handler::Dashboard));
+            assert_eq!(off.find(&Method::GET, "/v1/limits").unwrap().handler, Handler::Limits);
+        }
+        assert!(table().find(&Method::GET, "/dashboardX").is_none());
     }
 
     #[test]

@@ -7,6 +7,7 @@ mod upstream;
 mod auth;
 mod cli;
 mod connections;
+mod dashboard;
 mod fleet;
 mod fleet_limits;
 mod keys;
