@@ -56,8 +56,9 @@ const QUIET: Duration = Duration::from_millis(3);
 const STALL: Duration = Duration::from_millis(20);
 /// The longest a run may take in all.
 const RUN_LIMIT: Duration = Duration::from_secs(8);
-/// How long the server may keep a connection after its client has gone.
-const CLOSE_LIMIT: Duration = Duration::from_secs(2);
+/// How long the server may keep a connection after its client has gone (generous: on a loaded
+/// 2-core machine a closing connection waited more than 2 s once, with nothing wrong).
+const CLOSE_LIMIT: Duration = Duration::from_secs(5);
 
 const UPSTREAM_KEY_ENV: &str = "TOLLGATE_FUZZ_UPSTREAM_KEY";
 const UPSTREAM_KEY: &str = "upstream-secret";
