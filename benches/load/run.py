@@ -121,9 +121,13 @@ class Target:
         return f"http://127.0.0.1:{self.h2_port if h2 else self.h1_port}{path}"
 
 
-def write_config(path, port, admin, upstream_port, store_dir, extra="", store=None):
-    """A tollgate config for the benchmark: a tier that never limits, logs at warn only. The
-    store is SQLite in `store_dir` unless `store` gives another (YAML flow text)."""
+NEVER_LIMITS = "{ requests_per_second: 1000000000, burst: 1000000000 }"
+
+
+def write_config(path, port, admin, upstream_port, store_dir, extra="", store=None, tier=NEVER_LIMITS):
+    """A tollgate config for the benchmark: a tier that never limits (unless `tier` gives other
+    limits, YAML flow text), logs at warn only. The store is SQLite in `store_dir` unless `store`
+    gives another (YAML flow text)."""
     store = store or f'{{ sqlite: "{store_dir}/keys.db" }}'
     with open(path, "w") as f:
         f.write(f"""listen: 127.0.0.1:{port}
@@ -131,7 +135,7 @@ admin_listen: 127.0.0.1:{admin}
 upstream: {{ url: "http://127.0.0.1:{upstream_port}" }}
 store: {store}
 log: {{ format: json, level: warn }}
-tiers: {{ bench: {{ requests_per_second: 1000000000, burst: 1000000000 }} }}
+tiers: {{ bench: {tier} }}
 """ + extra)
 
 
@@ -248,13 +252,18 @@ backend up
         shutil.rmtree(self.tmp, ignore_errors=True)
 
     # -- S1 -------------------------------------------------------------------------------
-    def wrk(self, t):
+    def post_script(self, t):
+        """wrk's script for S1's request to `t` (with its key, if it has one)."""
         script = os.path.join(self.tmp, "post.lua")
         with open(script, "w") as f:
             f.write(f'wrk.method = "POST"\nwrk.body = {json.dumps(BODY)}\n'
                     f'wrk.headers["Content-Type"] = "application/json"\n')
             if t.auth:
                 f.write(f'wrk.headers["Authorization"] = "Bearer {t.auth}"\n')
+        return script
+
+    def wrk(self, t):
+        script = self.post_script(t)
         cmd = ["taskset", "-c", "0", "wrk", "-t1", "-c64", f"-d{self.args.duration}s", "-s", script, t.url()]
         return self.measured(t, cmd, lambda out: float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1)),
                              lambda out: int(re.search(r"(\d+) requests in", out).group(1)))
