@@ -222,6 +222,8 @@ pub struct Rejection {
 }
 
 pub struct Limiter<C: Clock + Clone = DefaultClock> {
+    /// Whether any tier or override limits tokens or concurrency.
+    any_llm: bool,
     per: LimitPer,
     tiers: HashMap<String, Arc<Bucket<C>>>,
     orgs: HashMap<String, Arc<Bucket<C>>>,
@@ -287,7 +289,11 @@ impl<C: Clock + Clone> Limiter<C> {
                 .collect()
         };
         let rl = &config.rate_limits;
+        let llm = |t: &Tier| t.counts_tokens() || t.max_concurrent_requests.is_some();
+        let any_llm =
+            config.tiers.values().chain(rl.org_overrides.values()).chain(rl.key_overrides.values()).any(llm);
         Limiter {
+            any_llm,
             per: rl.per,
             tiers: map(&config.tiers, previous.map(|p| &p.tiers)),
             orgs: map(&rl.org_overrides, previous.map(|p| &p.orgs)),
@@ -332,9 +338,16 @@ impl<C: Clock + Clone> Limiter<C> {
         Ok((quota, hold))
     }
 
-    /// The limits that apply to this caller (its override's, or its tier's).
-    pub fn limits_of(&self, key_id: &Arc<str>, org: &Arc<str>, tier: &str) -> Option<Tier> {
-        self.resolve(key_id, org, tier).ok().map(|(b, _, _)| b.limits)
+    /// The limits that apply to this caller (its override's, or its tier's) when they go
+    /// beyond requests (tokens or concurrency); `None` otherwise. Without any such limit in the
+    /// config — the common case — nothing is looked up: the request path resolves only once,
+    /// in the decision.
+    pub fn llm_limits_of(&self, key_id: &Arc<str>, org: &Arc<str>, tier: &str) -> Option<Tier> {
+        if !self.any_llm {
+            return None;
+        }
+        let limits = self.resolve(key_id, org, tier).ok().map(|(b, _, _)| b.limits)?;
+        (limits.counts_tokens() || limits.max_concurrent_requests.is_some()).then_some(limits)
     }
 
     /// `hold` for a caller (see `check_llm`).

@@ -128,8 +128,8 @@ impl Proxy {
         }
         route.check(principal.scopes())?;
         // Resolved once: which limits apply, and whether they hold anything past the request.
-        let limits = snap.limiter.limits_of(&principal.key_id, &principal.org, &principal.tier);
-        let holds = limits.is_some_and(|t| t.counts_tokens() || t.max_concurrent_requests.is_some());
+        let limits = snap.limiter.llm_limits_of(&principal.key_id, &principal.org, &principal.tier);
+        let holds = limits.is_some();
         if route.handler == Handler::Keys {
             self.admit(snap, ctx, None, holds).await?;
             return keys_api::handle(&self.state, snap, &principal, req).await;

@@ -21,7 +21,7 @@ use sqlx::postgres::{PgConnectOptions, PgListener, PgPool, PgPoolOptions};
 use sqlx::Row;
 use tokio::sync::mpsc;
 
-use super::rows::{event, record, stored_key};
+use super::rows::{bind_key, event, record, stored_key, KEY_COLUMNS};
 use super::{
     copy, Change, CopyReport, Cursor, Export, KeyAdmin, KeyCopy, KeyLookup, KeyUpkeep, Pushed, StoreError,
     StoredKey,
@@ -181,28 +181,8 @@ async fn insert_key(
     r: &KeyRecord,
     updated_at: i64,
 ) -> Result<(), sqlx::Error> {
-    sqlx::query(
-        "INSERT INTO keys (id, name, org, workspace, tier, scopes, secret_hash, created_at, expires_at, \
-         last_used_at, revoked_at, revoked_by, rotated_from, updated_at) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)",
-    )
-    .bind(&r.id)
-    .bind(&r.name)
-    .bind(&r.org)
-    .bind(&r.workspace)
-    .bind(&r.tier)
-    .bind(r.scopes.join(" "))
-    .bind(&r.secret_hash)
-    .bind(r.created_at)
-    .bind(r.expires_at)
-    .bind(r.last_used_at)
-    .bind(r.revoked_at)
-    .bind(&r.revoked_by)
-    .bind(&r.rotated_from)
-    .bind(updated_at)
-    .execute(conn)
-    .await
-    .map(|_| ())
+    let sql = format!("INSERT INTO keys ({KEY_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)");
+    bind_key(sqlx::query(&sql), r, updated_at).execute(conn).await.map(|_| ())
 }
 
 /// Every key and every audit event (oldest first), as `conn` sees them.

@@ -1,6 +1,7 @@
 //! Rows → records, shared by every SQL backend: both schemas name their columns alike.
 
-use sqlx::{ColumnIndex, Decode, Row, Type};
+use sqlx::query::Query;
+use sqlx::{ColumnIndex, Database, Decode, Encode, Row, Type};
 
 use super::StoredKey;
 use crate::keys::record::{AuditEvent, KeyRecord};
@@ -58,4 +59,39 @@ where
         at: row.try_get("at")?,
         detail: row.try_get("detail")?,
     })
+}
+
+/// The columns of an inserted key, in the order `bind_key` binds them (each backend writes its
+/// own placeholders after them).
+pub(super) const KEY_COLUMNS: &str = "id, name, org, workspace, tier, scopes, secret_hash, created_at, \
+     expires_at, last_used_at, revoked_at, revoked_by, rotated_from, updated_at";
+
+/// Binds a key record's fields (`KEY_COLUMNS`, in order) to an INSERT of any backend.
+pub(super) fn bind_key<'q, DB>(
+    q: Query<'q, DB, <DB as Database>::Arguments<'q>>,
+    r: &'q KeyRecord,
+    updated_at: i64,
+) -> Query<'q, DB, <DB as Database>::Arguments<'q>>
+where
+    DB: Database,
+    &'q str: Encode<'q, DB> + Type<DB>,
+    String: Encode<'q, DB> + Type<DB>,
+    i64: Encode<'q, DB> + Type<DB>,
+    Option<i64>: Encode<'q, DB> + Type<DB>,
+    Option<&'q str>: Encode<'q, DB> + Type<DB>,
+{
+    q.bind(r.id.as_str())
+        .bind(r.name.as_str())
+        .bind(r.org.as_str())
+        .bind(r.workspace.as_str())
+        .bind(r.tier.as_str())
+        .bind(r.scopes.join(" "))
+        .bind(r.secret_hash.as_str())
+        .bind(r.created_at)
+        .bind(r.expires_at)
+        .bind(r.last_used_at)
+        .bind(r.revoked_at)
+        .bind(r.revoked_by.as_deref())
+        .bind(r.rotated_from.as_deref())
+        .bind(updated_at)
 }

@@ -74,17 +74,6 @@ pub async fn prepare(
     read_timeout: Duration,
 ) -> Result<(Request<Outgoing>, Prepared), Error> {
     let (parts, body) = req.into_parts();
-    let (parts, prepared) = read(parts, body, default_output, inject, read_timeout).await?;
-    Ok((parts, prepared))
-}
-
-async fn read(
-    parts: http::request::Parts,
-    body: Incoming,
-    default_output: u64,
-    inject: bool,
-    read_timeout: Duration,
-) -> Result<(Request<Outgoing>, Prepared), Error> {
     let untouched = |parts, body, p: Prepared| Ok((Request::from_parts(parts, Outgoing::Client(body)), p));
     let length = content_length(&parts.headers);
     let unparsed = |reason, len: Option<u64>| Prepared {

@@ -229,8 +229,11 @@ async fn a_half_open_feed_is_probed_and_replaced() {
     let client = h1();
     let id = tg.key.split('_').nth(1).unwrap().to_string();
     assert_eq!(models(&client, &tg, &tg.key).await, 200);
-    // The feed's connection must exist to be frozen.
+    // The feed's connection must exist to be frozen, and the catch-up poll its start triggers
+    // must be over (a poll caught by the freeze fails, and its retry on a new connection would
+    // deliver the revocation before the probe has a say).
     assert!(tg.wait_log("listening for key changes", Duration::from_secs(10)).await);
+    tokio::time::sleep(Duration::from_secs(1)).await;
     relay.freeze();
     let started = Instant::now();
     let out = tg.keys(&["revoke", &id]);
@@ -239,7 +242,18 @@ async fn a_half_open_feed_is_probed_and_replaced() {
     let took = until_status(&client, &tg, &tg.key, 401, Duration::from_secs(15)).await;
     eprintln!("half-open feed: revocation applied after {:?}", started.elapsed());
     assert!(took > Duration::from_millis(500), "the frozen connection delivered it? {took:?}");
-    assert!(tg.wait_log("lost the PostgreSQL change feed", Duration::from_secs(1)).await);
+    let logs = tg.logs();
+    let tail: Vec<&str> = logs
+        .lines()
+        .filter(|l| !l.contains("\"target\":\"access\"") && !l.contains("sqlx::query"))
+        .rev()
+        .take(30)
+        .collect();
+    assert!(
+        tg.wait_log("lost the PostgreSQL change feed", Duration::from_secs(1)).await,
+        "the feed was not replaced; last log lines:\n{}",
+        tail.join("\n")
+    );
 }
 
 /// Last-used times of requests served while the database is unreachable are written once it

@@ -154,24 +154,29 @@ async fn overrides_and_reloaded_tiers_behave_as_locally() {
     assert_eq!(at(&fleet, &reloaded, "vip", "t", NOON).await, No("requests_per_second", 1));
 }
 
+/// Three replicas on one Redis with these tiers. The decision timeout is generous: exactness is
+/// under test there, not latency, so no decision may fall back.
+fn three_replicas(up: &Upstream, redis: &RedisServer, tiers: &str) -> [Tollgate; 3] {
+    let replica = || {
+        Tollgate::builder(&up.url())
+            .section(
+                "rate_limits",
+                "{ backend: redis, redis: { url_env: TG_TEST_REDIS_URL, timeout: 500ms } }",
+            )
+            .section("tiers", tiers)
+            .env("TG_TEST_REDIS_URL", &redis.url())
+            .start()
+    };
+    [replica(), replica(), replica()]
+}
+
 /// Three replicas, one limit: what they admit together is what one limiter admits for the
 /// same arrivals — the daily budget exactly, the burst exactly (no refill in the window).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_replicas_admit_together_what_one_would() {
     let up = Upstream::start().await;
     let redis = RedisServer::start();
-    let replica = || {
-        Tollgate::builder(&up.url())
-            // Exactness under test, not latency: a generous timeout, so no decision falls back.
-            .section("rate_limits", "{ backend: redis, redis: { url_env: TG_TEST_REDIS_URL, timeout: 500ms } }")
-            .section(
-                "tiers",
-                "{ enterprise: { requests_per_second: 1000 }, burst: { requests_per_second: 1, burst: 10 }, daily: { requests_per_second: 1000, daily_requests: 12 } }",
-            )
-            .env("TG_TEST_REDIS_URL", &redis.url())
-            .start()
-    };
-    let replicas = [replica(), replica(), replica()];
+    let replicas = three_replicas(&up, &redis, "{ enterprise: { requests_per_second: 1000 }, burst: { requests_per_second: 1, burst: 10 }, daily: { requests_per_second: 1000, daily_requests: 12 } }");
     let client = h1();
     for (tier, expect) in [("burst", 10), ("daily", 12)] {
         let keys: Vec<String> = replicas
@@ -459,17 +464,7 @@ fn exact_gcra(arrivals: &mut [Duration], rps: u32, burst: u32) -> usize {
 async fn three_replicas_at_three_times_the_limit_admit_what_one_exact_gcra_would() {
     let up = Upstream::start().await;
     let redis = RedisServer::start();
-    let replica = || {
-        Tollgate::builder(&up.url())
-            .section("rate_limits", "{ backend: redis, redis: { url_env: TG_TEST_REDIS_URL, timeout: 500ms } }")
-            .section(
-                "tiers",
-                "{ enterprise: { requests_per_second: 1000 }, acc: { requests_per_second: 50, burst: 100 }, day: { requests_per_second: 100000, daily_requests: 500 } }",
-            )
-            .env("TG_TEST_REDIS_URL", &redis.url())
-            .start()
-    };
-    let replicas = [replica(), replica(), replica()];
+    let replicas = three_replicas(&up, &redis, "{ enterprise: { requests_per_second: 1000 }, acc: { requests_per_second: 50, burst: 100 }, day: { requests_per_second: 100000, daily_requests: 500 } }");
     let keys: Vec<String> = replicas
         .iter()
         .map(|tg| tg.create_key(&["--org", "acme", "--tier", "acc", "--scope", "inference:read"]))
