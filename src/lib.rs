@@ -95,6 +95,7 @@ pub async fn serve(
                 up: metrics.ratelimit_backend_up.clone(),
                 duration: metrics.ratelimit_backend_duration.clone(),
                 decisions: metrics.ratelimit_decisions.clone(),
+                settlements: metrics.ratelimit_settlements.clone(),
             };
             let fleet = limits::redis::Fleet::new(cfg, m).map_err(StartupError::System)?;
             fleet.warm_up(std::time::Duration::from_secs(2)).await;
@@ -118,12 +119,15 @@ pub async fn serve(
     let reload_task = tokio::spawn(reloader.run());
     let auth_task = tokio::spawn(tasks::maintain_keys(auth.clone(), state.clone()));
     let limits_task = tokio::spawn(tasks::forget_idle_limits(state.clone()));
-    let announce_task = state.fleet.clone().map(|f| tokio::spawn(tasks::announce_replica(f)));
+    let fleet_tasks = state
+        .fleet
+        .clone()
+        .map(|f| [tokio::spawn(tasks::announce_replica(f.clone())), tokio::spawn(tasks::renew_leases(f))]);
     net::listener::serve(state, listeners, acceptor, shutdown).await;
     reload_task.abort();
     auth_task.abort();
     limits_task.abort();
-    if let Some(t) = announce_task {
+    for t in fleet_tasks.into_iter().flatten() {
         t.abort();
     }
     // Last-used timestamps still in memory are written before exit.

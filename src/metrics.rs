@@ -28,6 +28,7 @@ pub struct Metrics {
     pub ratelimit_backend_up: IntGauge,
     pub ratelimit_backend_duration: Histogram,
     pub ratelimit_decisions: IntCounterVec,
+    pub ratelimit_settlements: IntCounterVec,
     pub tokens: IntCounterVec,
     pub usage_unreported: IntCounterVec,
     pub usage_unparsed: IntCounterVec,
@@ -150,6 +151,11 @@ impl Metrics {
                 "tollgate_ratelimit_decisions_total",
                 "Rate-limit decisions of the Redis backend, by source (`redis`, `local_cache`, `fallback_local`, `fallback_open`, `fallback_closed`).",
                 &["source"],
+            )?,
+            ratelimit_settlements: counter_vec(
+                "tollgate_ratelimit_settlements_total",
+                "Settlements in Redis of what admitted requests held (token reservations, concurrency leases), by outcome (`ok`, `failed`: the reservation stands, the lease runs out).",
+                &["outcome"],
             )?,
             tokens: counter_vec(
                 "tollgate_tokens_total",

@@ -123,6 +123,16 @@ pub async fn forget_idle_limits(state: Arc<State>) {
     }
 }
 
+/// Background work of the Redis backend: keeps the concurrency leases of this replica's
+/// requests still running (a replica that dies stops, and its slots come back when they run
+/// out).
+pub async fn renew_leases(fleet: Arc<crate::limits::redis::Fleet>) {
+    loop {
+        tokio::time::sleep(fleet.renew_every()).await;
+        fleet.renew().await;
+    }
+}
+
 /// Background work of the Redis backend: announces this replica every second, and learns
 /// how many are live (the divisor of `on_error: local`).
 pub async fn announce_replica(fleet: Arc<crate::limits::redis::Fleet>) {

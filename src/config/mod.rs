@@ -219,6 +219,9 @@ pub struct Redis {
     pub on_error: OnError,
     /// PEM certificates trusted for `rediss://` instead of the public roots (a private CA).
     pub ca_file: Option<PathBuf>,
+    /// How long a concurrency slot in Redis outlives its replica: each running request's lease
+    /// is renewed every third of it, so a replica that dies gives its slots back after this.
+    pub concurrency_lease: Duration,
 }
 
 /// What a decision does when Redis fails or is slower than its timeout.

@@ -144,6 +144,7 @@ pub(super) struct RawRedis {
     pub(super) timeout: Option<serde_yaml_ng::Value>,
     pub(super) on_error: Option<String>,
     pub(super) ca_file: Option<String>,
+    pub(super) concurrency_lease: Option<serde_yaml_ng::Value>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -208,6 +208,7 @@ fn rate_limits_redis_takes_the_url_from_the_environment_and_names_each_mistake()
             timeout: Duration::from_millis(5),
             on_error: OnError::Closed,
             ca_file: None,
+            concurrency_lease: Duration::from_secs(30),
         })
     );
     assert_eq!(c.rate_limits.tier_on_error.get("a"), Some(&OnError::Open));

@@ -419,7 +419,13 @@ impl Validator {
         let on_error =
             self.on_error("rate_limits.redis.on_error", raw.on_error.as_deref()).unwrap_or(OnError::Local);
         let ca_file = self.nonempty("rate_limits.redis.ca_file", raw.ca_file).map(PathBuf::from);
-        Redis { url_env, key_prefix, timeout, on_error, ca_file }
+        let concurrency_lease =
+            self.positive_ms("rate_limits.redis.concurrency_lease", raw.concurrency_lease, 30_000);
+        if concurrency_lease < Duration::from_millis(300) {
+            // Renewed every third of it: shorter would be renewals in a busy loop.
+            self.problem("rate_limits.redis.concurrency_lease", "must be at least 300ms");
+        }
+        Redis { url_env, key_prefix, timeout, on_error, ca_file, concurrency_lease }
     }
 
     fn on_error(&mut self, path: &str, v: Option<&str>) -> Option<OnError> {

@@ -34,10 +34,6 @@ impl Concurrency {
         max.map(|max| Concurrency { max, in_flight: DashMap::new() })
     }
 
-    pub fn max(&self) -> u32 {
-        self.max
-    }
-
     /// A slot for `entity`, or `None` when `max` are in flight.
     pub fn acquire(&self, entity: &Arc<str>, gauge: Option<IntGauge>) -> Option<Slot> {
         let count = self.in_flight.entry(entity.clone()).or_default().clone();

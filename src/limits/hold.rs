@@ -1,10 +1,12 @@
 //! What an admitted LLM request holds until its response ends (§12): a concurrency slot and a
-//! token reservation. Dropping a hold gives both back (the request failed before any byte, or
-//! was refused by a later limit); `settle` replaces the reservation by the usage reported.
+//! token reservation — this replica's, or the fleet's in Redis (`redis::FleetHold`). Dropping a
+//! hold gives both back (the request failed before any byte, or was refused by a later limit);
+//! `settle` replaces the reservation by the usage reported.
 
 use std::sync::Arc;
 
 use super::concurrency::Slot;
+use super::redis::FleetHold;
 use super::tokens::{Left, Tokens};
 use super::Wall;
 use crate::clock::DAY_MS;
@@ -13,22 +15,31 @@ use crate::clock::DAY_MS;
 pub struct Hold {
     pub(super) slot: Option<Slot>,
     pub(super) tokens: Option<TokenHold>,
+    pub(super) fleet: Option<FleetHold>,
 }
 
 impl Hold {
     /// What remained after the reservation, for the headers.
     pub(super) fn left(&self) -> Option<Left> {
-        self.tokens.as_ref().map(|t| t.left)
+        match (&self.tokens, &self.fleet) {
+            (Some(t), _) => Some(t.left),
+            (None, Some(f)) => f.left(),
+            (None, None) => None,
+        }
     }
 
     /// The tokens reserved (0 without token limits).
     pub fn reserved(&self) -> u64 {
-        self.tokens.as_ref().map_or(0, |t| t.reserved)
+        match (&self.tokens, &self.fleet) {
+            (Some(t), _) => t.reserved,
+            (None, Some(f)) => f.reserved().unwrap_or(0),
+            (None, None) => 0,
+        }
     }
 
     /// Whether tokens were reserved: the response's usage is wanted.
     pub fn counts_tokens(&self) -> bool {
-        self.tokens.is_some()
+        self.tokens.is_some() || self.fleet.as_ref().is_some_and(|f| f.reserved().is_some())
     }
 
     /// Charges `used` tokens in place of the reservation, and releases the slot.
@@ -36,6 +47,14 @@ impl Hold {
         if let Some(t) = self.tokens.take() {
             t.settle(used);
         }
+        if let Some(f) = self.fleet.take() {
+            f.settle(used);
+        }
+    }
+
+    /// What the fleet holds for a request it admitted.
+    pub(super) fn fleet(hold: FleetHold) -> Hold {
+        Hold { fleet: Some(hold), ..Hold::default() }
     }
 }
 

@@ -9,7 +9,6 @@
 use std::collections::HashMap;
 use std::num::NonZeroU32;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use dashmap::DashMap;
 use governor::clock::{Clock, DefaultClock, Reference};
@@ -27,6 +26,7 @@ pub mod concurrency;
 mod hold;
 mod quota;
 pub mod redis;
+mod refusal;
 pub mod report;
 pub mod tokens;
 
@@ -36,6 +36,7 @@ pub use hold::{Hold, TokenHold};
 use quota::put_openai_duration;
 pub use quota::Quota;
 use quota::{seconds_ceil, Fixed};
+use refusal::{message, reject, retry_after};
 
 type Gcra<C> = RateLimiter<Arc<str>, SharedCells, C, StateInformationMiddleware>;
 
@@ -379,11 +380,9 @@ impl<C: Clock + Clone> Limiter<C> {
             match c.acquire(entity, gauge) {
                 Some(slot) => hold.slot = Some(slot),
                 None => {
-                    let message = format!(
-                        "Too many requests in flight: tier `{tier}` allows {} at once; retry when one has finished.",
-                        c.max()
-                    );
-                    return Err(reject(Limit::ConcurrentRequests, tier, message, 1, Quota::default()));
+                    let limit = Limit::ConcurrentRequests;
+                    let message = message(limit, &bucket.limits, tier, 0);
+                    return Err(reject(limit, tier, message, 1, Quota::default()));
                 }
             }
         }
@@ -397,24 +396,11 @@ impl<C: Clock + Clone> Limiter<C> {
                 }
                 Err((refused, left)) => {
                     let quota = Quota { tokens: Some(left), ..Quota::default() };
-                    let (limit, wait, message) = match refused {
-                        tokens::Refused::PerMinute { wait_ms } => (
-                            Limit::TokensPerMinute,
-                            wait_ms,
-                            format!(
-                                "Token rate limit of {} tokens per minute exceeded for tier `{tier}` (this request reserves {amount}).",
-                                bucket.limits.tokens_per_minute.unwrap_or(0)
-                            ),
-                        ),
-                        tokens::Refused::Daily { wait_ms } => (
-                            Limit::DailyTokens,
-                            wait_ms,
-                            format!(
-                                "Daily token budget of {} exhausted for tier `{tier}`; it resets at 00:00 UTC.",
-                                bucket.limits.daily_tokens.unwrap_or(0)
-                            ),
-                        ),
+                    let (limit, wait) = match refused {
+                        tokens::Refused::PerMinute { wait_ms } => (Limit::TokensPerMinute, wait_ms),
+                        tokens::Refused::Daily { wait_ms } => (Limit::DailyTokens, wait_ms),
                     };
+                    let message = message(limit, &bucket.limits, tier, amount);
                     return Err(reject(limit, tier, message, seconds_ceil(wait), quota));
                 }
             }
@@ -522,15 +508,9 @@ impl<C: Clock + Clone> Limiter<C> {
                     // Only the daily budget is reported: governor has no read-only look at the
                     // per-second bucket, and asking it would consume a cell.
                     quota.daily = Some((budget, 0, until_midnight));
-                    let message =
-                        format!("Daily request budget of {budget} exhausted for tier `{tier}`; it resets at 00:00 UTC.");
-                    return Err(reject(
-                        Limit::DailyRequests,
-                        tier,
-                        message,
-                        seconds_ceil(until_midnight),
-                        quota,
-                    ));
+                    let limit = Limit::DailyRequests;
+                    let message = message(limit, &bucket.limits, tier, 0);
+                    return Err(reject(limit, tier, message, seconds_ceil(until_midnight), quota));
                 }
                 used.1 += 1;
                 quota.daily = Some((budget, budget - used.1, until_midnight));
@@ -558,10 +538,9 @@ impl<C: Clock + Clone> Limiter<C> {
                     }
                     let wait = not_until.wait_time_from(self.clock.now());
                     quota.per_second = Some((burst, 0, rps));
-                    let message = format!(
-                        "Rate limit of {rps} requests per second (burst {burst}) exceeded for tier `{tier}`."
-                    );
-                    return Err(reject(Limit::RequestsPerSecond, tier, message, retry_after(wait), quota));
+                    let limit = Limit::RequestsPerSecond;
+                    let message = message(limit, &bucket.limits, tier, 0);
+                    return Err(reject(limit, tier, message, retry_after(wait), quota));
                 }
             }
         }
@@ -611,25 +590,6 @@ impl<C: Clock + Clone> Limiter<C> {
             .map(|b| b.gcra.as_ref().map_or(0, |g| g.len()).max(b.daily.len()))
             .sum()
     }
-}
-
-/// A 429 for `limit`. The daily budgets do not clear before midnight: those tell SDKs not to
-/// retry (`x-should-retry: false`).
-fn reject(limit: Limit, tier: &str, message: String, retry_after: u64, quota: Quota) -> Box<Rejection> {
-    let error = Error::RateLimited {
-        message,
-        limit,
-        tier: Some(tier.to_string()),
-        retry_after,
-        exhausted: matches!(limit, Limit::DailyRequests | Limit::DailyTokens),
-    };
-    Box::new(Rejection { error, quota, limit: Some(limit) })
-}
-
-/// `Retry-After` in whole seconds: rounded up, at least 1, so that a retry at that moment is
-/// admitted.
-fn retry_after(wait: Duration) -> u64 {
-    (wait.as_secs() + u64::from(wait.subsec_nanos() > 0)).max(1)
 }
 
 #[cfg(test)]

@@ -22,6 +22,11 @@ fn clamp_i64(x: i128) -> i64 {
     i64::try_from(x).unwrap_or(if x < 0 { i64::MIN } else { i64::MAX })
 }
 
+/// The most one request may reserve under these limits (see `Tokens::clamp`).
+pub fn clamp(per_minute: Option<u64>, daily: Option<u64>, estimate: u64) -> u64 {
+    estimate.min(per_minute.unwrap_or(u64::MAX)).min(daily.unwrap_or(u64::MAX))
+}
+
 /// One entity's token state.
 #[derive(Debug, Clone, Copy)]
 struct State {
@@ -65,14 +70,7 @@ impl Tokens {
     /// The most one request may reserve: a request larger than a limit could never pass, so
     /// its reservation is clamped to it (and its true usage settles the difference).
     pub fn clamp(&self, estimate: u64) -> u64 {
-        let mut e = estimate;
-        if let Some(m) = self.per_minute {
-            e = e.min(m);
-        }
-        if let Some(d) = self.daily {
-            e = e.min(d);
-        }
-        e
+        clamp(self.per_minute, self.daily, estimate)
     }
 
     fn refill(&self, s: &mut State, now_ms: i64) {

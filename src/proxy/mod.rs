@@ -27,11 +27,10 @@ use std::sync::Arc;
 use http::{Request, Response};
 use hyper::body::Incoming;
 
-use crate::auth::Principal;
 use crate::body::Body;
 use crate::error::Error;
 use crate::keys::api as keys_api;
-use crate::limits::{Quota, Rejection};
+use crate::limits::redis::Want;
 use crate::net::Peer;
 use crate::state::{Snapshot, State};
 use crate::upstream;
@@ -198,16 +197,30 @@ impl Proxy {
         let Some(p) = ctx.principal.as_deref() else {
             return Ok(());
         };
-        let decided = if holds {
-            // Tokens and concurrency are this replica's (also with Redis, for now): held first,
-            // given back by dropping the hold if the request limits refuse.
-            let gauge = self.state.metrics.concurrent.with_label_values(&[&p.tier]);
-            match snap.limiter.hold_for(&p.key_id, &p.org, &p.tier, estimate, Some(gauge)) {
+        let gauge = || self.state.metrics.concurrent.with_label_values(&[&p.tier]);
+        let decided = match &self.state.fleet {
+            // Tokens and concurrency first: given back by dropping the hold if the request
+            // limits refuse.
+            None if holds => match snap.limiter.hold_for(&p.key_id, &p.org, &p.tier, estimate, Some(gauge()))
+            {
                 Err(r) => Err(r),
-                Ok(hold) => self.request_limits(snap, p).await.map(|q| (q.with_tokens(&hold), Some(hold))),
+                Ok(hold) => snap
+                    .limiter
+                    .check_shared(&p.key_id, &p.org, &p.tier)
+                    .map(|q| (q.with_tokens(&hold), Some(hold))),
+            },
+            None => snap.limiter.check_shared(&p.key_id, &p.org, &p.tier).map(|q| (q, None)),
+            // Boxed behind a `dyn`, so that the fleet's future (a Redis round trip under a
+            // timeout) is neither part of every request's future nor inlined into `pipeline`:
+            // sized and inlined, it took `pipeline` out of line in `handle` even where no fleet
+            // is configured (`benches/load/profile.sh h1`: ~80 instructions per request). One
+            // allocation beside a Redis round trip is nothing.
+            Some(fleet) => {
+                let want = holds.then(|| Want { estimate, gauge: Some(gauge()) });
+                let check: Pin<Box<dyn Future<Output = _> + Send + '_>> =
+                    Box::pin(fleet.check(&snap.config, &snap.limiter, &p.key_id, &p.org, &p.tier, want));
+                check.await
             }
-        } else {
-            self.request_limits(snap, p).await.map(|q| (q, None))
         };
         match decided {
             Ok((q, hold)) => {
@@ -221,23 +234,6 @@ impl Proxy {
                 }
                 ctx.quota = Some(r.quota);
                 Err(r.error)
-            }
-        }
-    }
-
-    /// The request limits (§4): this replica's, or the fleet's in Redis.
-    async fn request_limits(&self, snap: &Snapshot, p: &Principal) -> Result<Quota, Box<Rejection>> {
-        match &self.state.fleet {
-            None => snap.limiter.check_shared(&p.key_id, &p.org, &p.tier),
-            // Boxed behind a `dyn`, so that the fleet's future (a Redis round trip under a
-            // timeout) is neither part of every request's future nor inlined into `pipeline`:
-            // sized and inlined, it took `pipeline` out of line in `handle` even where no fleet
-            // is configured (`benches/load/profile.sh h1`: ~80 instructions per request). One
-            // allocation beside a Redis round trip is nothing.
-            Some(fleet) => {
-                let check: Pin<Box<dyn Future<Output = _> + Send + '_>> =
-                    Box::pin(fleet.check(&snap.config, &snap.limiter, &p.key_id, &p.org, &p.tier));
-                check.await
             }
         }
     }

@@ -14,15 +14,16 @@ use crate::redis_server::RedisServer;
 use crate::relay::{Mode, Relay};
 use crate::upstream::Upstream;
 
-fn metrics() -> FleetMetrics {
+pub(crate) fn metrics() -> FleetMetrics {
     FleetMetrics {
         up: prometheus::IntGauge::new("up", "up").unwrap(),
         duration: prometheus::Histogram::with_opts(prometheus::HistogramOpts::new("d", "d")).unwrap(),
         decisions: prometheus::IntCounterVec::new(prometheus::Opts::new("n", "n"), &["source"]).unwrap(),
+        settlements: prometheus::IntCounterVec::new(prometheus::Opts::new("s", "s"), &["outcome"]).unwrap(),
     }
 }
 
-fn setup(url: &str, yaml: &str) -> (Config, Limiter, Fleet) {
+pub(crate) fn setup(url: &str, yaml: &str) -> (Config, Limiter, Fleet) {
     let yaml = format!("rate_limits:\n  backend: redis\n  redis: {{ url_env: UNUSED, timeout: 1s }}\n{yaml}");
     let config = Config::from_yaml(&yaml, "test").unwrap();
     let tollgate::config::LimitBackend::Redis(redis) = &config.rate_limits.backend else { panic!("redis") };
@@ -32,9 +33,9 @@ fn setup(url: &str, yaml: &str) -> (Config, Limiter, Fleet) {
 }
 
 /// 2026-12-02T12:00:00Z in microseconds, and midnight after it.
-const NOON: i64 = 1_796_212_800_000_000;
-const MIDNIGHT: i64 = NOON + 12 * 3_600_000_000;
-const MS: i64 = 1_000;
+pub(crate) const NOON: i64 = 1_796_212_800_000_000;
+pub(crate) const MIDNIGHT: i64 = NOON + 12 * 3_600_000_000;
+pub(crate) const MS: i64 = 1_000;
 
 /// What one decision said: admitted with (burst left, daily left), or refused by a limit
 /// with its Retry-After.
@@ -46,7 +47,7 @@ enum Said {
 
 async fn at(fleet: &Fleet, limiter: &Limiter, org: &str, tier: &str, now: i64) -> Said {
     let org: Arc<str> = org.into();
-    match fleet.decide_at(limiter, &org, tier, now).await.unwrap() {
+    match fleet.decide_at(limiter, &org, tier, now, None).await.unwrap() {
         Ok(q) => {
             let mut h = http::HeaderMap::new();
             q.write_headers(&mut h);
@@ -156,7 +157,7 @@ async fn overrides_and_reloaded_tiers_behave_as_locally() {
 
 /// Three replicas on one Redis with these tiers. The decision timeout is generous: exactness is
 /// under test there, not latency, so no decision may fall back.
-fn three_replicas(up: &Upstream, redis: &RedisServer, tiers: &str) -> [Tollgate; 3] {
+pub(crate) fn three_replicas(up: &Upstream, redis: &RedisServer, tiers: &str) -> [Tollgate; 3] {
     let replica = || {
         Tollgate::builder(&up.url())
             .section(

@@ -10,6 +10,7 @@ mod connections;
 mod dashboard;
 mod fleet;
 mod fleet_limits;
+mod fleet_tokens;
 mod keys;
 mod lifecycle;
 mod observability;

@@ -10,7 +10,7 @@ use crate::harness::*;
 use crate::sdk::{python_with_openai, run_script};
 use crate::upstream::Upstream;
 
-const TIERS: &str = "{ enterprise: { requests_per_second: 1000 }, tok: { requests_per_second: 1000, tokens_per_minute: 100000, daily_tokens: 10000000 }, tiny: { requests_per_second: 1000, tokens_per_minute: 600 }, four: { requests_per_second: 1000, tokens_per_minute: 100000, max_concurrent_requests: 4 } }";
+pub(crate) const TIERS: &str = "{ enterprise: { requests_per_second: 1000 }, tok: { requests_per_second: 1000, tokens_per_minute: 100000, daily_tokens: 10000000 }, tiny: { requests_per_second: 1000, tokens_per_minute: 600 }, four: { requests_per_second: 1000, tokens_per_minute: 100000, max_concurrent_requests: 4 } }";
 
 fn start(up: &Upstream) -> Tollgate {
     Tollgate::builder(&up.url()).section("tiers", TIERS).start()
@@ -54,7 +54,7 @@ async fn the_openai_sdk_sees_the_same_streams_with_and_without_tollgate_and_a_to
 }
 
 /// A streamed chat completion of `events` chunks `interval_ms` apart, from the mock OpenAI.
-fn stream(
+pub(crate) fn stream(
     tg: &Tollgate,
     key: &str,
     events: u32,

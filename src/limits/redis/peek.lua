@@ -1,5 +1,5 @@
 -- What remains for one entity (GET /v1/limits, SPEC §13), read without consuming anything: the
--- two keys of redis.lua, read only, on the server's clock. Same KEYS and ARGV[1..2] as there.
+-- two request keys of decide.lua, read only, on the server's clock. Same KEYS and ARGV[1..2] as there.
 --
 -- Returns {requests admissible now (-1 = no GCRA), microseconds until the bucket is full,
 --          requests used today, microseconds until 00:00 UTC}
@@ -20,7 +20,7 @@ if interval > 0 then
     tat = now
   end
   ahead = tat - now
-  -- As redis.lua admits: while the new arrival time is at most `burst` intervals ahead.
+  -- As decide.lua admits: while the new arrival time is at most `burst` intervals ahead.
   remaining = math.floor((burst * interval - ahead) / interval)
   if remaining < 0 then
     remaining = 0

@@ -1,5 +1,5 @@
 //! The fleet's rate limits in Redis (§11): one limit per organisation (or key) for every
-//! replica, decided by one script on the Redis server (`redis.lua`, its clock), in at most one
+//! replica, decided by one script on the Redis server (`decide.lua`, its clock), in at most one
 //! round trip per request.
 //!
 //! - One multiplexed, auto-reconnecting connection (redis-rs's `ConnectionManager`), its own
@@ -16,16 +16,23 @@
 //!   after a back-off that doubles from 100 ms to 2 s; the first success restores shared limits.
 //! - Each replica announces itself every second (a sorted set scored by time); the count of
 //!   the last three seconds is the divisor of `local`.
-//! - Keys: `<prefix>{<scope>:<entity>}:<tier>:<limits>:gcra|day`. The braces are the Redis
-//!   Cluster hash tag, so both keys of one decision share a slot; `<limits>` names the limits, so that
-//!   a tier whose limits change on reload starts full, as §4 wants, while unchanged ones keep
-//!   their state. Both expire when idle (the GCRA once full, the day after two days).
+//! - Keys: `<prefix>{<scope>:<entity>}:<tier>:<rps>-<burst>-<daily>:gcra|day` for the request
+//!   limits, `…:<tier>:tok:<per minute>-<daily>` for the tokens and `…:<tier>:conc` for the
+//!   concurrency leases. The braces are the Redis Cluster hash tag, so all keys of one decision
+//!   share a slot; the limits are part of the names, so that a tier whose limits change on
+//!   reload starts full, as §4 wants, while unchanged ones keep their state (leases are requests
+//!   really running: they stay whatever the limit). All expire when idle (the GCRA and the
+//!   tokens once full, a day's counters after the day, leases when they run out).
+//! - Tokens and concurrency (§12) are decided in the same script and round trip as the request
+//!   limits, all or nothing; what an admitted request holds is settled after its response
+//!   (`lease.rs`). A request that reserves nothing sends only the two request keys.
 //!
 //! A failover of a Redis primary may lose the last writes (replication is asynchronous): the
 //! decisions of those last milliseconds are forgotten, so the fleet may admit up to that
 //! much again — at most one burst per entity, plus the daily requests in that window.
 
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -34,18 +41,28 @@ use prometheus::{Histogram, IntCounterVec, IntGauge};
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 
 use super::quota::Quota;
-use super::{reject, Limiter, Peek, Rejection, Scope};
+use super::refusal::{message, reject, retry_after};
+use super::{tokens, Hold, Limiter, Peek, Rejection, Scope};
 use crate::config::{self, Config, OnError, Tier};
 use crate::error::{Error, Limit};
 
-const SCRIPT: &str = include_str!("redis.lua");
-/// The read-only look of `GET /v1/limits` at the same two keys.
-const PEEK_SCRIPT: &str = include_str!("redis_peek.lua");
+mod breaker;
+mod lease;
+mod reply;
 
-/// Failures in a row that open the breaker, and its back-off.
-const BREAKER_FAILURES: u32 = 3;
-const BACKOFF_MIN_MS: u64 = 100;
-const BACKOFF_MAX_MS: u64 = 2_000;
+use breaker::Breaker;
+pub use lease::FleetHold;
+use lease::Settlement;
+use reply::{outcome, Reply};
+
+const SCRIPT: &str = include_str!("decide.lua");
+/// The read-only look of `GET /v1/limits` at the same keys.
+const PEEK_SCRIPT: &str = include_str!("peek.lua");
+const SETTLE_SCRIPT: &str = include_str!("settle.lua");
+const RENEW_SCRIPT: &str = include_str!("renew.lua");
+
+/// The longest a settlement or a renewal waits for Redis: neither is on a request's path.
+const BACKGROUND_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// Replicas announce themselves this often, and count as live this long.
 pub const ANNOUNCE_EVERY: Duration = Duration::from_secs(1);
@@ -56,12 +73,24 @@ pub struct FleetMetrics {
     pub up: IntGauge,
     pub duration: Histogram,
     pub decisions: IntCounterVec,
+    /// Settlements of what admitted requests held (`ok`, `failed`).
+    pub settlements: IntCounterVec,
+}
+
+/// What a request holds beyond the request limits, when its tier has such limits (§12).
+pub struct Want {
+    /// The tokens to reserve (`None`: a request that uses none, such as listing models).
+    pub estimate: Option<u64>,
+    /// `tollgate_concurrent_requests{tier}`.
+    pub gauge: Option<IntGauge>,
 }
 
 pub struct Fleet {
     conn: ConnectionManager,
     script: redis::Script,
     peek_script: redis::Script,
+    settle_script: redis::Script,
+    renew_script: redis::Script,
     prefix: String,
     timeout: Duration,
     on_error: OnError,
@@ -74,6 +103,10 @@ pub struct Fleet {
     /// The limiter of `local`: (the config generation it was built for, the divisor, it).
     fallback: Mutex<Option<(usize, u32, Arc<Limiter>)>>,
     metrics: FleetMetrics,
+    /// The leases of this replica's requests in flight (lease → its key), renewed until they end.
+    leases: DashMap<String, String>,
+    next_lease: AtomicU64,
+    lease_ms: u64,
 }
 
 #[derive(Clone)]
@@ -125,6 +158,8 @@ impl Fleet {
             conn,
             script: redis::Script::new(SCRIPT),
             peek_script: redis::Script::new(PEEK_SCRIPT),
+            settle_script: redis::Script::new(SETTLE_SCRIPT),
+            renew_script: redis::Script::new(RENEW_SCRIPT),
             prefix: cfg.key_prefix.clone(),
             timeout: cfg.timeout,
             on_error: cfg.on_error,
@@ -134,26 +169,34 @@ impl Fleet {
             replicas: AtomicU32::new(1),
             fallback: Mutex::new(None),
             metrics,
+            leases: DashMap::new(),
+            next_lease: AtomicU64::new(0),
+            lease_ms: u64::try_from(cfg.concurrency_lease.as_millis()).unwrap_or(30_000),
         })
     }
 
-    /// Decides one request for the fleet: the limits `limiter` resolves for it, in Redis.
+    /// Decides one request for the fleet: the limits `limiter` resolves for it, in Redis —
+    /// with `want`, also its concurrency slot and token reservation, held until the response
+    /// ends (the `Hold`).
     pub async fn check(
-        &self,
+        self: &Arc<Self>,
         config: &Config,
         limiter: &Limiter,
         key_id: &Arc<str>,
         org: &Arc<str>,
         tier: &str,
-    ) -> Result<Quota, Box<Rejection>> {
+        want: Option<Want>,
+    ) -> Result<(Quota, Option<Hold>), Box<Rejection>> {
         let (bucket, entity, scope) = limiter.resolve(key_id, org, tier)?;
         let limits = bucket.limits;
-        if limits.requests_per_second.is_none() && limits.daily_requests.is_none() {
-            return Ok(Quota::default());
+        let ask = Ask::new(&limits, want.as_ref());
+        if limits.requests_per_second.is_none() && limits.daily_requests.is_none() && !ask.holds() {
+            return Ok((Quota::default(), None));
         }
-        let base = self.key_base(scope, entity, tier, &limits);
+        let base = self.entity_base(scope, entity, tier);
+        let requests = requests_key(&base, &limits);
         let now = Instant::now();
-        if let Some(known) = self.refused.get(&base) {
+        if let Some(known) = self.refused.get(&requests) {
             if known.0 > now {
                 self.count("local_cache");
                 let r = &known.1;
@@ -161,41 +204,92 @@ impl Fleet {
                     r.limit,
                     tier,
                     r.message.clone(),
-                    retry_secs(known.0 - now),
+                    retry_after(known.0 - now),
                     r.quota.clone(),
                 ));
             }
         }
         if !self.breaker.allow() {
-            return self.fall_back(config, limiter, key_id, org, tier);
+            return self.fall_back(config, limiter, key_id, org, tier, want);
         }
+        let lease = ask.concurrent.map(|_| self.new_lease());
         let started = Instant::now();
-        let asked = tokio::time::timeout(self.timeout, self.ask(&base, &limits, None)).await;
+        let asked = tokio::time::timeout(
+            self.timeout,
+            self.ask(&base, &requests, &limits, &ask, lease.as_deref(), None),
+        )
+        .await;
         self.metrics.duration.observe(started.elapsed().as_secs_f64());
-        match asked {
-            Ok(Ok(reply)) => {
-                self.breaker.success();
-                self.metrics.up.set(1);
-                self.count("redis");
-                let decided = outcome(&reply, &limits, tier);
-                if let Err(r) = &decided {
-                    if let (Some(limit), Some(wait)) = (r.limit, reply.wait()) {
-                        let refusal =
-                            Refusal { limit, message: message(limit, &limits, tier), quota: r.quota.clone() };
-                        self.refused.insert(base, (now + wait, refusal));
-                    }
+        let reply = match asked {
+            Ok(Ok(reply)) => reply,
+            failed => {
+                self.failed(&match failed {
+                    Ok(Err(e)) => e.to_string(),
+                    _ => "timed out".to_string(),
+                });
+                // The script may have run: a lease it wrote would hold a slot until it ran out.
+                // (Tokens it may have reserved stay charged: a refund of a reservation that was
+                // never made would give tokens away.)
+                if let Some(lease) = lease {
+                    self.release_lease(&base, lease);
                 }
-                decided
+                return self.fall_back(config, limiter, key_id, org, tier, want);
             }
-            Ok(Err(e)) => {
-                self.failed(&format!("{e}"));
-                self.fall_back(config, limiter, key_id, org, tier)
+        };
+        self.breaker.success();
+        self.metrics.up.set(1);
+        self.count("redis");
+        match outcome(&reply, &limits, tier, ask.tokens) {
+            Ok(quota) if ask.holds() => {
+                let job = Settlement {
+                    tokens_key: tokens_key(&base, &limits),
+                    leases_key: leases_key(&base),
+                    per_minute: limits.tokens_per_minute,
+                    daily: limits.daily_tokens,
+                    reserved: ask.tokens,
+                    day: crate::clock::now_ms().div_euclid(crate::clock::DAY_MS),
+                    used: 0,
+                    lease,
+                };
+                let gauge = want.and_then(|w| w.gauge).filter(|_| ask.concurrent.is_some());
+                let hold = Hold::fleet(FleetHold::new(self.clone(), job, quota.tokens, gauge));
+                Ok((quota, Some(hold)))
             }
-            Err(_) => {
-                self.failed("timed out");
-                self.fall_back(config, limiter, key_id, org, tier)
+            Ok(quota) => Ok((quota, None)),
+            Err(r) => {
+                // Only the request limits' refusals hold for every request until their wait is
+                // over: a token refusal depends on the size of the request, a concurrency one
+                // ends when any request does.
+                if let (Some(limit @ (Limit::RequestsPerSecond | Limit::DailyRequests)), Some(wait)) =
+                    (r.limit, reply.wait())
+                {
+                    let refusal =
+                        Refusal { limit, message: message(limit, &limits, tier, 0), quota: r.quota.clone() };
+                    self.refused.insert(requests, (now + wait, refusal));
+                }
+                Err(r)
             }
         }
+    }
+
+    fn new_lease(&self) -> String {
+        format!("{}:{}", self.instance, self.next_lease.fetch_add(1, Ordering::Relaxed))
+    }
+
+    /// Releases a lease that a failed decision may have written.
+    fn release_lease(self: &Arc<Self>, base: &str, lease: String) {
+        let job = Settlement {
+            tokens_key: String::new(),
+            leases_key: leases_key(base),
+            per_minute: None,
+            daily: None,
+            reserved: None,
+            day: 0,
+            used: 0,
+            lease: Some(lease),
+        };
+        let fleet = self.clone();
+        tokio::spawn(async move { fleet.settle(job).await });
     }
 
     fn failed(&self, why: &str) {
@@ -220,11 +314,12 @@ impl Fleet {
         key_id: &Arc<str>,
         org: &Arc<str>,
         tier: &str,
-    ) -> Result<Quota, Box<Rejection>> {
+        want: Option<Want>,
+    ) -> Result<(Quota, Option<Hold>), Box<Rejection>> {
         match config.rate_limits.tier_on_error.get(tier).copied().unwrap_or(self.on_error) {
             OnError::Open => {
                 self.count("fallback_open");
-                Ok(Quota::default())
+                Ok((Quota::default(), None))
             }
             OnError::Closed => {
                 self.count("fallback_closed");
@@ -237,7 +332,12 @@ impl Fleet {
             OnError::Local => {
                 self.count("fallback_local");
                 let local = self.local(config, limiter);
-                local.check_shared(key_id, org, tier)
+                match want {
+                    None => local.check_shared(key_id, org, tier).map(|q| (q, None)),
+                    Some(w) => {
+                        local.check_llm(key_id, org, tier, w.estimate, w.gauge).map(|(q, h)| (q, Some(h)))
+                    }
+                }
             }
         }
     }
@@ -259,43 +359,106 @@ impl Fleet {
         built
     }
 
-    /// `<prefix>{<scope>:<entity>}:<tier>:<rps>-<burst>-<daily>`: the tier is named (two tiers
-    /// with equal limits have separate state), overrides are `=`.
-    fn key_base(&self, scope: Scope, entity: &str, tier: &str, limits: &Tier) -> String {
+    /// `<prefix>{<scope>:<entity>}:<tier>`: the tier is named (two tiers with equal limits have
+    /// separate state), overrides are `=`.
+    fn entity_base(&self, scope: Scope, entity: &str, tier: &str) -> String {
         let (kind, bucket) = match scope {
             Scope::KeyOverride => ("k", "="),
             Scope::OrgOverride => ("o", "="),
             Scope::TierPerOrg => ("o", tier),
             Scope::TierPerKey => ("k", tier),
         };
-        let n = |x: Option<u32>| x.map_or(0, u64::from);
-        format!(
-            "{}{{{kind}:{entity}}}:{bucket}:{}-{}-{}",
-            self.prefix,
-            n(limits.requests_per_second),
-            n(limits.burst),
-            limits.daily_requests.unwrap_or(0)
-        )
+        format!("{}{{{kind}:{entity}}}:{bucket}", self.prefix)
     }
 
     /// One run of the decision script. `now_us`: a fixed time (tests), else Redis's clock.
-    async fn ask(&self, base: &str, limits: &Tier, now_us: Option<i64>) -> redis::RedisResult<Reply> {
+    async fn ask(
+        &self,
+        base: &str,
+        requests: &str,
+        limits: &Tier,
+        ask: &Ask,
+        lease: Option<&str>,
+        now_us: Option<i64>,
+    ) -> redis::RedisResult<Reply> {
         let interval = limits.requests_per_second.map_or(0.0, |r| 1e6 / f64::from(r.max(1)));
         let burst = limits.burst.or(limits.requests_per_second).unwrap_or(1);
         let mut conn = self.conn.clone();
-        let v: Vec<i64> = self
-            .script
-            .key(format!("{base}:gcra"))
-            .key(format!("{base}:day"))
+        let mut call = self.script.key(format!("{requests}:gcra"));
+        call.key(format!("{requests}:day"))
             .arg(interval)
             .arg(burst)
             .arg(limits.daily_requests.unwrap_or(0))
-            .arg(now_us.map_or_else(String::new, |t| t.to_string()))
-            .invoke_async(&mut conn)
-            .await?;
+            .arg(now_us.map_or_else(String::new, |t| t.to_string()));
+        if ask.holds() {
+            call.key(tokens_key(base, limits))
+                .key(leases_key(base))
+                .arg(limits.tokens_per_minute.unwrap_or(0))
+                .arg(limits.daily_tokens.unwrap_or(0))
+                .arg(ask.tokens.map_or(-1, |t| i64::try_from(t).unwrap_or(i64::MAX)))
+                .arg(ask.concurrent.unwrap_or(0))
+                .arg(lease.unwrap_or(""))
+                .arg(self.lease_ms);
+        }
+        let v: Vec<i64> = call.invoke_async(&mut conn).await?;
         Reply::from(&v).ok_or_else(|| {
             redis::RedisError::from((redis::ErrorKind::UnexpectedReturnType, "decision reply"))
         })
+    }
+
+    /// Settles what a request held (`lease.rs`), in the background.
+    async fn settle(&self, job: Settlement) {
+        let asked = tokio::time::timeout(BACKGROUND_TIMEOUT, self.run_settle(&job, None)).await;
+        let outcome = match asked {
+            Ok(Ok(_)) => "ok",
+            Ok(Err(e)) => {
+                tracing::debug!(error = %e, "settling a request's tokens and slot in Redis failed");
+                "failed"
+            }
+            Err(_) => "failed",
+        };
+        self.metrics.settlements.with_label_values(&[outcome]).inc();
+    }
+
+    /// One run of the settlement script; returns (whole tokens left, tokens used today).
+    async fn run_settle(&self, job: &Settlement, now_us: Option<i64>) -> redis::RedisResult<(i64, i64)> {
+        let mut conn = self.conn.clone();
+        let mut call = self.settle_script.key(&job.tokens_key);
+        call.key(&job.leases_key)
+            .arg(job.per_minute.unwrap_or(0))
+            .arg(job.daily.unwrap_or(0))
+            .arg(job.reserved.map_or(-1, |t| i64::try_from(t).unwrap_or(i64::MAX)))
+            .arg(job.day)
+            .arg(job.used)
+            .arg(job.lease.as_deref().unwrap_or(""))
+            .arg(now_us.map_or_else(String::new, |t| t.to_string()));
+        call.invoke_async(&mut conn).await
+    }
+
+    /// Renews the leases of this replica's requests still running (every third of
+    /// `concurrency_lease`), one call per key.
+    pub async fn renew(&self) {
+        let mut by_key: HashMap<String, Vec<String>> = HashMap::new();
+        for l in &self.leases {
+            by_key.entry(l.value().clone()).or_default().push(l.key().clone());
+        }
+        for (key, leases) in by_key {
+            let mut conn = self.conn.clone();
+            let mut call = self.renew_script.key(&key);
+            call.arg(self.lease_ms);
+            for l in &leases {
+                call.arg(l);
+            }
+            let asked = tokio::time::timeout(BACKGROUND_TIMEOUT, call.invoke_async::<i64>(&mut conn)).await;
+            if !matches!(asked, Ok(Ok(_))) {
+                tracing::debug!("renewing concurrency leases in Redis failed; retried next round");
+            }
+        }
+    }
+
+    /// How often `renew` runs.
+    pub fn renew_every(&self) -> Duration {
+        Duration::from_millis(self.lease_ms / 3)
     }
 
     /// Connects before the first request, for up to `within`: the connection is made lazily,
@@ -333,7 +496,7 @@ impl Fleet {
         if limits.requests_per_second.is_none() && limits.daily_requests.is_none() {
             return Ok((limits, Ok(Peek { applies_to, per_second: None, daily: None })));
         }
-        let base = self.key_base(scope, entity, tier, &limits);
+        let base = requests_key(&self.entity_base(scope, entity, tier), &limits);
         let interval = limits.requests_per_second.map_or(0.0, |r| 1e6 / f64::from(r.max(1)));
         let burst = limits.burst.or(limits.requests_per_second).unwrap_or(1);
         let mut conn = self.conn.clone();
@@ -396,7 +559,8 @@ impl Fleet {
     }
 
     /// The decision for `entity` of `tier` at a fixed time, straight from the script (the
-    /// exact-arithmetic tests).
+    /// exact-arithmetic tests). With `lease`, the request also takes a concurrency slot and
+    /// reserves `estimate` tokens, as an LLM request does; nothing is settled by itself.
     #[doc(hidden)]
     pub async fn decide_at(
         &self,
@@ -404,194 +568,96 @@ impl Fleet {
         entity: &Arc<str>,
         tier: &str,
         now_us: i64,
+        llm: Option<(Option<u64>, &str)>,
     ) -> Result<Result<Quota, Box<Rejection>>, redis::RedisError> {
         let (bucket, entity, scope) = limiter.resolve(entity, entity, tier).map_err(|_| {
             redis::RedisError::from((redis::ErrorKind::InvalidClientConfig, "tier not configured"))
         })?;
         let limits = bucket.limits;
-        let reply = self.ask(&self.key_base(scope, entity, tier, &limits), &limits, Some(now_us)).await?;
-        Ok(outcome(&reply, &limits, tier))
-    }
-}
-
-/// The script's answer.
-#[derive(Debug, Clone, Copy)]
-struct Reply {
-    admitted: bool,
-    refused_by: i64,
-    wait_us: i64,
-    burst_left: i64,
-    daily_left: i64,
-    until_midnight_us: i64,
-}
-
-impl Reply {
-    fn from(v: &[i64]) -> Option<Reply> {
-        match *v {
-            [a, by, wait, burst, daily, midnight] => Some(Reply {
-                admitted: a == 1,
-                refused_by: by,
-                wait_us: wait,
-                burst_left: burst,
-                daily_left: daily,
-                until_midnight_us: midnight,
-            }),
-            _ => None,
-        }
+        let want = llm.map(|(estimate, _)| Want { estimate, gauge: None });
+        let ask = Ask::new(&limits, want.as_ref());
+        let base = self.entity_base(scope, entity, tier);
+        let lease = llm.map(|(_, l)| l);
+        let reply =
+            self.ask(&base, &requests_key(&base, &limits), &limits, &ask, lease, Some(now_us)).await?;
+        Ok(outcome(&reply, &limits, tier, ask.tokens))
     }
 
-    fn wait(&self) -> Option<Duration> {
-        (!self.admitted).then(|| Duration::from_micros(u64::try_from(self.wait_us.max(1)).unwrap_or(1)))
-    }
-}
-
-fn message(limit: Limit, limits: &Tier, tier: &str) -> String {
-    match limit {
-        Limit::DailyRequests => format!(
-            "Daily request budget of {} exhausted for tier `{tier}`; it resets at 00:00 UTC.",
-            limits.daily_requests.unwrap_or(0)
-        ),
-        _ => {
-            let rps = limits.requests_per_second.unwrap_or(0);
-            let burst = limits.burst.unwrap_or(rps);
-            format!("Rate limit of {rps} requests per second (burst {burst}) exceeded for tier `{tier}`.")
-        }
-    }
-}
-
-/// The script's answer as the local limiter gives it: a quota, or a 429.
-fn outcome(r: &Reply, limits: &Tier, tier: &str) -> Result<Quota, Box<Rejection>> {
-    let until_midnight_ms = r.until_midnight_us / 1000;
-    let mut quota = Quota::default();
-    if let Some(rps) = limits.requests_per_second {
-        let burst = limits.burst.unwrap_or(rps);
-        quota.per_second = Some((burst, u32::try_from(r.burst_left.max(0)).unwrap_or(0), rps));
-    }
-    if let Some(budget) = limits.daily_requests {
-        quota.daily = Some((budget, u64::try_from(r.daily_left.max(0)).unwrap_or(0), until_midnight_ms));
-    }
-    if r.admitted {
-        return Ok(quota);
-    }
-    let limit = if r.refused_by == 2 { Limit::DailyRequests } else { Limit::RequestsPerSecond };
-    if limit == Limit::DailyRequests {
-        // As the local limiter: only the daily budget is reported on its refusal.
-        quota.per_second = None;
-    }
-    let wait = Duration::from_micros(u64::try_from(r.wait_us.max(1)).unwrap_or(1));
-    Err(reject(limit, tier, message(limit, limits, tier), retry_secs(wait), quota))
-}
-
-/// `Retry-After` in whole seconds: rounded up, at least 1.
-fn retry_secs(wait: Duration) -> u64 {
-    (wait.as_secs() + u64::from(wait.subsec_nanos() > 0)).max(1)
-}
-
-/// A circuit breaker without locks: the request path reads one atomic when Redis is healthy.
-struct Breaker {
-    epoch: Instant,
-    /// 0: closed; else open until this many milliseconds after `epoch`.
-    open_until: AtomicU64,
-    failures: AtomicU32,
-    backoff_ms: AtomicU64,
-    /// A probe is in flight (one at a time while open).
-    probing: AtomicBool,
-}
-
-impl Breaker {
-    fn new() -> Breaker {
-        Breaker {
-            epoch: Instant::now(),
-            open_until: AtomicU64::new(0),
-            failures: AtomicU32::new(0),
-            backoff_ms: AtomicU64::new(BACKOFF_MIN_MS),
-            probing: AtomicBool::new(false),
-        }
-    }
-
-    fn now_ms(&self) -> u64 {
-        u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX).max(1)
-    }
-
-    /// Whether this decision may ask Redis: closed, or the probe after the back-off.
-    fn allow(&self) -> bool {
-        let until = self.open_until.load(Ordering::Acquire);
-        if until == 0 {
-            return true;
-        }
-        self.now_ms() >= until
-            && self.probing.compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire).is_ok()
-    }
-
-    fn success(&self) {
-        if self.open_until.load(Ordering::Acquire) != 0 || self.failures.load(Ordering::Relaxed) != 0 {
-            if self.open_until.swap(0, Ordering::AcqRel) != 0 {
-                tracing::info!("Redis rate limits answer again; shared limits restored");
-            }
-            self.failures.store(0, Ordering::Relaxed);
-            self.backoff_ms.store(BACKOFF_MIN_MS, Ordering::Relaxed);
-            self.probing.store(false, Ordering::Release);
-        }
-    }
-
-    /// Records a failure; returns whether it opened the breaker (for the log).
-    fn failure(&self) -> bool {
-        let failures = self.failures.fetch_add(1, Ordering::AcqRel) + 1;
-        let was_probe = self.probing.swap(false, Ordering::AcqRel);
-        if failures < BREAKER_FAILURES && !was_probe {
-            return false;
-        }
-        let backoff = self.backoff_ms.load(Ordering::Relaxed);
-        self.backoff_ms.store((backoff * 2).min(BACKOFF_MAX_MS), Ordering::Relaxed);
-        self.open_until.swap(self.now_ms() + backoff, Ordering::AcqRel) == 0
-    }
-}
-
-#[cfg(test)]
-#[allow(clippy::unwrap_used)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn the_breaker_opens_after_three_failures_and_probes_one_at_a_time() {
-        let b = Breaker::new();
-        assert!(b.allow());
-        assert!(!b.failure() && !b.failure());
-        assert!(b.allow(), "two failures: still closed");
-        assert!(b.failure(), "the third opens it");
-        assert!(!b.allow(), "open: no request asks Redis during the back-off");
-        std::thread::sleep(Duration::from_millis(BACKOFF_MIN_MS + 20));
-        assert!(b.allow(), "after the back-off, one probe");
-        assert!(!b.allow(), "and only one");
-        assert!(!b.failure(), "a failed probe keeps it open (already open)");
-        std::thread::sleep(Duration::from_millis(BACKOFF_MIN_MS + 20));
-        assert!(!b.allow(), "the back-off doubled");
-        std::thread::sleep(Duration::from_millis(BACKOFF_MIN_MS + 20));
-        assert!(b.allow());
-        b.success();
-        assert!(b.allow() && b.allow(), "closed again");
-    }
-
-    #[test]
-    fn replies_become_quotas_and_refusals() {
-        let t = Tier {
-            requests_per_second: Some(50),
-            burst: Some(200),
-            daily_requests: Some(100_000),
-            ..Tier::default()
+    /// Settles at a fixed time what `decide_at` held — `held`: (tokens reserved, lease) — with
+    /// `used` tokens (the exact-arithmetic tests): returns (whole tokens left, used today).
+    #[doc(hidden)]
+    pub async fn settle_at(
+        &self,
+        limiter: &Limiter,
+        entity: &Arc<str>,
+        tier: &str,
+        now_us: i64,
+        held: (Option<u64>, &str),
+        used: u64,
+    ) -> redis::RedisResult<(i64, i64)> {
+        let (reserved, lease) = held;
+        let (bucket, entity, scope) = limiter.resolve(entity, entity, tier).map_err(|_| {
+            redis::RedisError::from((redis::ErrorKind::InvalidClientConfig, "tier not configured"))
+        })?;
+        let limits = bucket.limits;
+        let base = self.entity_base(scope, entity, tier);
+        let job = Settlement {
+            tokens_key: tokens_key(&base, &limits),
+            leases_key: leases_key(&base),
+            per_minute: limits.tokens_per_minute,
+            daily: limits.daily_tokens,
+            reserved,
+            day: (now_us / 1000).div_euclid(crate::clock::DAY_MS),
+            used,
+            lease: Some(lease.to_string()),
         };
-        let ok = Reply::from(&[1, 0, 0, 199, 99_999, 3_600_000_000]).unwrap();
-        let q = outcome(&ok, &t, "audit").unwrap();
-        assert_eq!((q.per_second, q.daily), (Some((200, 199, 50)), Some((100_000, 99_999, 3_600_000))));
-        let slow = Reply::from(&[0, 1, 20_000, 0, 99_000, 3_600_000_000]).unwrap();
-        let r = outcome(&slow, &t, "audit").unwrap_err();
-        assert_eq!(r.limit, Some(Limit::RequestsPerSecond));
-        assert!(matches!(r.error, Error::RateLimited { retry_after: 1, exhausted: false, .. }));
-        let day = Reply::from(&[0, 2, 3_600_000_000, -1, 0, 3_600_000_000]).unwrap();
-        let r = outcome(&day, &t, "audit").unwrap_err();
-        assert_eq!(r.limit, Some(Limit::DailyRequests));
-        assert!(matches!(r.error, Error::RateLimited { retry_after: 3600, exhausted: true, .. }));
-        assert_eq!(r.quota.per_second, None);
-        assert!(Reply::from(&[1, 0]).is_none());
+        self.run_settle(&job, Some(now_us)).await
     }
+}
+
+/// What the script is asked beyond the request limits.
+struct Ask {
+    /// Tokens to reserve, clamped to the limits.
+    tokens: Option<u64>,
+    /// Concurrent requests allowed.
+    concurrent: Option<u32>,
+}
+
+impl Ask {
+    fn new(limits: &Tier, want: Option<&Want>) -> Ask {
+        let Some(want) = want else {
+            return Ask { tokens: None, concurrent: None };
+        };
+        let tokens = want
+            .estimate
+            .filter(|_| limits.counts_tokens())
+            .map(|e| tokens::clamp(limits.tokens_per_minute, limits.daily_tokens, e));
+        Ask { tokens, concurrent: limits.max_concurrent_requests }
+    }
+
+    /// Whether the request holds anything until its response ends.
+    fn holds(&self) -> bool {
+        self.tokens.is_some() || self.concurrent.is_some()
+    }
+}
+
+/// The request limits' keys: `<entity base>:<rps>-<burst>-<daily>` (`:gcra`, `:day`).
+fn requests_key(base: &str, limits: &Tier) -> String {
+    let n = |x: Option<u32>| x.map_or(0, u64::from);
+    format!(
+        "{base}:{}-{}-{}",
+        n(limits.requests_per_second),
+        n(limits.burst),
+        limits.daily_requests.unwrap_or(0)
+    )
+}
+
+/// The token state's key: `<entity base>:tok:<per minute>-<daily>`.
+fn tokens_key(base: &str, limits: &Tier) -> String {
+    format!("{base}:tok:{}-{}", limits.tokens_per_minute.unwrap_or(0), limits.daily_tokens.unwrap_or(0))
+}
+
+/// The concurrency leases' key.
+fn leases_key(base: &str) -> String {
+    format!("{base}:conc")
 }
