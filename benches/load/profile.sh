@@ -4,6 +4,8 @@
 # counters needed (`perf` here only has cpu-clock).
 #
 #   bash benches/load/profile.sh [h1|h2c] [N]
+#   TIER='{ requests_per_second: 1000000000, burst: 1000000000, tokens_per_minute: 1000000000000 }' \
+#     bash benches/load/profile.sh h1      # the same with another tier (token limits, say)
 #
 # Builds tollgate and the load upstream, then for the benchmarked route with a key and the same
 # route public (no key check, no limits): N requests (4,000 by default) after 2,000 of warm-up,
@@ -31,7 +33,7 @@ admin_listen: 127.0.0.1:$3
 upstream: { url: "http://127.0.0.1:$up" }
 store: { sqlite: "$dir/keys.db" }
 log: { format: json, level: warn }
-tiers: { bench: { requests_per_second: 1000000000, burst: 1000000000 } }
+tiers: { bench: ${TIER:-{ requests_per_second: 1000000000, burst: 1000000000 \}} }
 $4
 YAML
 }

@@ -134,7 +134,10 @@ impl<C: Clock + Clone> Bucket<C> {
             }),
             daily: limits.daily_requests.map(|budget| (budget, budget, 0)),
             fixed: None,
-            tokens: None,
+            tokens: limits.counts_tokens().then_some(tokens::Left {
+                per_minute: limits.tokens_per_minute.map(|m| (m, m, 0)),
+                daily: limits.daily_tokens.map(|d| (d, d, 0)),
+            }),
         };
         Bucket {
             limits,

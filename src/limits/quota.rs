@@ -6,12 +6,18 @@ use std::sync::Arc;
 use bytes::BytesMut;
 use http::{HeaderMap, HeaderName, HeaderValue};
 
-/// `x-ratelimit-limit-requests` and `RateLimit-Policy`: they depend on a bucket's limits alone,
-/// so admitted requests share the bucket's values instead of formatting them again.
+/// `x-ratelimit-limit-requests`, `x-ratelimit-limit-tokens` and `RateLimit-Policy`: they
+/// depend on a bucket's limits alone, so admitted requests share the bucket's values instead of
+/// formatting them again.
 #[derive(Debug, PartialEq, Eq)]
 pub(super) struct Fixed {
-    limit: HeaderValue,
-    policy: HeaderValue,
+    limit: Option<HeaderValue>,
+    /// The request limits' policy items.
+    policy: Option<HeaderValue>,
+    limit_tokens: Option<HeaderValue>,
+    /// The request limits' items and the token limits' after them, for a response that
+    /// reports tokens (one that reserves none, such as listing models, reports `policy`).
+    policy_tokens: Option<HeaderValue>,
 }
 
 /// What the limiter knows after a decision: rendered into the rate-limit headers.
@@ -68,22 +74,20 @@ const RESET_REQUESTS: HeaderName = HeaderName::from_static("x-ratelimit-reset-re
 const RATELIMIT_POLICY: HeaderName = HeaderName::from_static("ratelimit-policy");
 const RATELIMIT: HeaderName = HeaderName::from_static("ratelimit");
 
-impl Quota {
-    /// Writes `x-ratelimit-*` (OpenAI's names, for the budget that runs out last: the daily one
-    /// when there is one) and the IETF `RateLimit-Policy` / `RateLimit` fields for every limit.
-    ///
-    /// Runs on every answered request: the two values fixed by the limits are the bucket's own,
-    /// the other three are written into one buffer and split off it (one allocation, no
-    /// formatting machinery).
-    pub fn write_headers(&self, h: &mut HeaderMap) {
-        self.write_request_headers(h);
-        if let Some(t) = &self.tokens {
-            write_token_headers(h, t);
-        }
-    }
+const LIMIT_TOKENS: HeaderName = HeaderName::from_static("x-ratelimit-limit-tokens");
+const REMAINING_TOKENS: HeaderName = HeaderName::from_static("x-ratelimit-remaining-tokens");
+const RESET_TOKENS: HeaderName = HeaderName::from_static("x-ratelimit-reset-tokens");
 
-    fn write_request_headers(&self, h: &mut HeaderMap) {
-        let Some((_, remaining, reset_ms)) = self.openai() else { return };
+impl Quota {
+    /// Writes `x-ratelimit-*-requests` (OpenAI's names, for the budget that runs out last: the
+    /// daily one when there is one), with token limits `x-ratelimit-*-tokens` (the per-minute
+    /// bucket, else the daily budget), and the IETF `RateLimit-Policy` / `RateLimit` fields
+    /// with an item for every limit.
+    ///
+    /// Runs on every answered request: the values fixed by the limits are the bucket's own,
+    /// the others are written into one buffer and split off it (one allocation, no formatting
+    /// machinery).
+    pub fn write_headers(&self, h: &mut HeaderMap) {
         let formatted;
         let fixed = match &self.fixed {
             Some(f) => &**f,
@@ -95,20 +99,47 @@ impl Quota {
                 None => return,
             },
         };
-        let mut buf = BytesMut::with_capacity(128);
+        let tokens = self.tokens.as_ref().and_then(|t| t.per_minute.or(t.daily).map(|openai| (t, openai)));
+        if let Some(v) = &fixed.limit {
+            h.insert(LIMIT_REQUESTS, v.clone());
+        }
+        let policy = match (&tokens, &fixed.policy_tokens) {
+            (Some(_), Some(p)) => Some(p),
+            _ => fixed.policy.as_ref(),
+        };
+        if let Some(v) = policy {
+            h.insert(RATELIMIT_POLICY, v.clone());
+        }
+        let mut buf = BytesMut::with_capacity(192);
         let mut n = itoa::Buffer::new();
-        h.insert(LIMIT_REQUESTS, fixed.limit.clone());
-        buf.extend_from_slice(n.format(remaining).as_bytes());
-        put(h, &mut buf, REMAINING_REQUESTS);
-        put_openai_duration(&mut buf, reset_ms);
-        put(h, &mut buf, RESET_REQUESTS);
-        h.insert(RATELIMIT_POLICY, fixed.policy.clone());
+        if let Some((_, remaining, reset_ms)) = self.openai() {
+            buf.extend_from_slice(n.format(remaining).as_bytes());
+            put(h, &mut buf, REMAINING_REQUESTS);
+            put_openai_duration(&mut buf, reset_ms);
+            put(h, &mut buf, RESET_REQUESTS);
+        }
+        if let (Some((_, (_, remaining, reset_ms))), Some(v)) = (&tokens, &fixed.limit_tokens) {
+            h.insert(LIMIT_TOKENS, v.clone());
+            buf.extend_from_slice(n.format(*remaining).as_bytes());
+            put(h, &mut buf, REMAINING_TOKENS);
+            put_openai_duration(&mut buf, *reset_ms);
+            put(h, &mut buf, RESET_TOKENS);
+        }
         if let Some((burst, remaining, rps)) = self.per_second {
             let refill = u64::try_from((refill_ms(burst, remaining, rps) + 999) / 1000).unwrap_or(0);
             put_field(&mut buf, "requests_per_second", [remaining.into(), refill], [b";r=", b";t="]);
         }
         if let Some((_, remaining, reset_ms)) = self.daily {
             put_field(&mut buf, "daily_requests", [remaining, seconds_ceil(reset_ms)], [b";r=", b";t="]);
+        }
+        if let Some((t, _)) = tokens {
+            if let Some((_, r, ms)) = t.per_minute {
+                let reset = seconds_ceil(ms).min(u64::try_from(ms).unwrap_or(0).div_ceil(1000));
+                put_field(&mut buf, "tokens_per_minute", [r, reset], [b";r=", b";t="]);
+            }
+            if let Some((_, r, ms)) = t.daily {
+                put_field(&mut buf, "daily_tokens", [r, seconds_ceil(ms)], [b";r=", b";t="]);
+            }
         }
         put(h, &mut buf, RATELIMIT);
     }
@@ -128,10 +159,20 @@ impl Quota {
     /// The values that depend on the limits alone. A full bucket of `burst` refills in
     /// burst/rps seconds: q/w states both the burst and the sustained rate.
     pub(super) fn format_fixed(&self) -> Option<Fixed> {
-        let (limit, _, _) = self.openai()?;
-        let mut buf = BytesMut::with_capacity(128);
-        buf.extend_from_slice(itoa::Buffer::new().format(limit).as_bytes());
-        let limit = value(&mut buf)?;
+        let tokens = self.tokens.as_ref().filter(|t| t.per_minute.or(t.daily).is_some());
+        if self.openai().is_none() && tokens.is_none() {
+            return None;
+        }
+        let mut buf = BytesMut::with_capacity(192);
+        let mut n = itoa::Buffer::new();
+        let limit = self.openai().and_then(|(limit, _, _)| {
+            buf.extend_from_slice(n.format(limit).as_bytes());
+            value(&mut buf)
+        });
+        let limit_tokens = tokens.and_then(|t| t.per_minute.or(t.daily)).and_then(|(limit, _, _)| {
+            buf.extend_from_slice(n.format(limit).as_bytes());
+            value(&mut buf)
+        });
         if let Some((burst, _, rps)) = self.per_second {
             let window = burst.div_ceil(rps.max(1));
             put_field(&mut buf, "requests_per_second", [burst.into(), window.into()], [b";q=", b";w="]);
@@ -139,53 +180,19 @@ impl Quota {
         if let Some((budget, _, _)) = self.daily {
             put_field(&mut buf, "daily_requests", [budget, 86400], [b";q=", b";w="]);
         }
-        Some(Fixed { limit, policy: value(&mut buf)? })
-    }
-}
-
-const LIMIT_TOKENS: HeaderName = HeaderName::from_static("x-ratelimit-limit-tokens");
-const REMAINING_TOKENS: HeaderName = HeaderName::from_static("x-ratelimit-remaining-tokens");
-const RESET_TOKENS: HeaderName = HeaderName::from_static("x-ratelimit-reset-tokens");
-
-/// OpenAI's `x-ratelimit-*-tokens` (the per-minute bucket, else the daily budget) and the
-/// token items appended to `RateLimit-Policy` / `RateLimit`. Only tiers with token limits
-/// pay for this formatting.
-fn write_token_headers(h: &mut HeaderMap, t: &super::tokens::Left) {
-    let Some((limit, remaining, reset_ms)) = t.per_minute.or(t.daily) else { return };
-    let mut buf = BytesMut::with_capacity(128);
-    let mut n = itoa::Buffer::new();
-    buf.extend_from_slice(n.format(limit).as_bytes());
-    put(h, &mut buf, LIMIT_TOKENS);
-    buf.extend_from_slice(n.format(remaining).as_bytes());
-    put(h, &mut buf, REMAINING_TOKENS);
-    put_openai_duration(&mut buf, reset_ms);
-    put(h, &mut buf, RESET_TOKENS);
-    for (name, keys, items) in [
-        (
-            RATELIMIT_POLICY,
-            [&b";q="[..], b";w="],
-            [t.per_minute.map(|(l, _, _)| [l, 60]), t.daily.map(|(l, _, _)| [l, 86400])],
-        ),
-        (
-            RATELIMIT,
-            [&b";r="[..], b";t="],
-            [
-                t.per_minute.map(|(_, r, ms)| {
-                    [r, seconds_ceil(ms).min(u64::try_from(ms).unwrap_or(0).div_ceil(1000))]
-                }),
-                t.daily.map(|(_, r, ms)| [r, seconds_ceil(ms)]),
-            ],
-        ),
-    ] {
-        if let Some(existing) = h.get(&name) {
-            buf.extend_from_slice(existing.as_bytes());
-        }
-        for (label, item) in ["tokens_per_minute", "daily_tokens"].into_iter().zip(items) {
-            if let Some(values) = item {
-                put_field(&mut buf, label, values, keys);
+        let requests_items = buf.clone();
+        let policy = (!buf.is_empty()).then(|| value(&mut buf)).flatten();
+        let policy_tokens = tokens.and_then(|t| {
+            buf.extend_from_slice(&requests_items);
+            if let Some((l, _, _)) = t.per_minute {
+                put_field(&mut buf, "tokens_per_minute", [l, 60], [b";q=", b";w="]);
             }
-        }
-        put(h, &mut buf, name);
+            if let Some((l, _, _)) = t.daily {
+                put_field(&mut buf, "daily_tokens", [l, 86400], [b";q=", b";w="]);
+            }
+            value(&mut buf)
+        });
+        Some(Fixed { limit, policy, limit_tokens, policy_tokens })
     }
 }
 

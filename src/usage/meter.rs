@@ -8,6 +8,8 @@
 use bytes::{Bytes, BytesMut};
 use serde::Deserialize;
 
+use super::scan::member;
+
 /// Tokens as the upstream reported them.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Usage {
@@ -19,43 +21,6 @@ impl Usage {
     pub fn total(&self) -> u64 {
         self.prompt.saturating_add(self.completion)
     }
-}
-
-/// The only fields read of a completion, event or response: serde skips everything else
-/// without building it (a `serde_json::Value` of the whole body cost ~1/5 of a request's CPU).
-#[derive(Deserialize)]
-struct Probe {
-    usage: Option<Counts>,
-    response: Option<Inner>,
-    choices: Option<Len>,
-}
-
-/// The length of a list, its items skipped.
-struct Len(usize);
-
-impl<'de> Deserialize<'de> for Len {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Len, D::Error> {
-        struct V;
-        impl<'de> serde::de::Visitor<'de> for V {
-            type Value = Len;
-            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-                f.write_str("a list")
-            }
-            fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Len, A::Error> {
-                let mut n = 0;
-                while seq.next_element::<serde::de::IgnoredAny>()?.is_some() {
-                    n += 1;
-                }
-                Ok(Len(n))
-            }
-        }
-        d.deserialize_seq(V)
-    }
-}
-
-#[derive(Deserialize)]
-struct Inner {
-    usage: Option<Counts>,
 }
 
 #[derive(Deserialize)]
@@ -72,19 +37,29 @@ struct Read {
     no_choices: bool,
 }
 
-fn read(json: &[u8]) -> Option<Read> {
-    let d: Probe = serde_json::from_slice(json).ok()?;
-    let counts = d.usage.or(d.response.and_then(|r| r.usage))?;
+/// Reads the members that matter — `usage` (or `response.usage`) and `choices` — found by a
+/// scan of the top level (`scan.rs`), each parsed on its own; the rest is never parsed.
+fn read(json: &[u8], choices: bool) -> Option<Read> {
+    let parse =
+        |v: &[u8]| Option::<Counts>::deserialize(&mut serde_json::Deserializer::from_slice(v)).ok().flatten();
+    let counts = member(json, b"usage")
+        .and_then(parse)
+        .or_else(|| member(json, b"response").and_then(|r| member(r, b"usage")).and_then(parse))?;
     let usage = counts.prompt_tokens.or(counts.input_tokens).map(|prompt| Usage {
         prompt,
         completion: counts.completion_tokens.or(counts.output_tokens).unwrap_or(0),
     });
-    Some(Read { usage, no_choices: d.choices.is_some_and(|c| c.0 == 0) })
+    // `"choices": []`: the list's first non-blank byte closes it.
+    let no_choices = choices
+        && member(json, b"choices").is_some_and(|v| {
+            v.first() == Some(&b'[') && v[1..].iter().find(|b| !b.is_ascii_whitespace()) == Some(&b']')
+        });
+    Some(Read { usage, no_choices })
 }
 
 /// The usage of a completion, event or response (`usage`, or `response.usage`).
 pub fn usage_of(json: &[u8]) -> Option<Usage> {
-    read(json)?.usage
+    read(json, false)?.usage
 }
 
 /// How much of a JSON body is kept to find its usage: completions are small; a larger body
@@ -94,9 +69,38 @@ const JSON_CAP: usize = 4 * 1024 * 1024;
 const EVENT_CAP: usize = 1024 * 1024;
 
 enum Mode {
-    Json(BytesMut),
+    Json(Whole),
     Sse(BytesMut),
     Skip,
+}
+
+/// A JSON body as it came: a body of one frame (the usual case) kept as it is, without a
+/// copy; the frames of a longer one joined.
+#[derive(Default)]
+struct Whole {
+    one: Option<Bytes>,
+    joined: BytesMut,
+}
+
+impl Whole {
+    fn len(&self) -> usize {
+        self.one.as_ref().map_or(self.joined.len(), Bytes::len)
+    }
+
+    fn push(&mut self, data: &Bytes) {
+        if self.one.is_none() && self.joined.is_empty() {
+            self.one = Some(data.clone());
+            return;
+        }
+        if let Some(first) = self.one.take() {
+            self.joined.extend_from_slice(&first);
+        }
+        self.joined.extend_from_slice(data);
+    }
+
+    fn bytes(&self) -> &[u8] {
+        self.one.as_deref().unwrap_or(&self.joined)
+    }
 }
 
 pub struct Meter {
@@ -115,7 +119,7 @@ impl Meter {
         let mode = if ct.starts_with("text/event-stream") {
             Mode::Sse(BytesMut::new())
         } else if ct.starts_with("application/json") || ct.is_empty() {
-            Mode::Json(BytesMut::new())
+            Mode::Json(Whole::default())
         } else {
             Mode::Skip
         };
@@ -138,7 +142,7 @@ impl Meter {
                     self.overflowed = true;
                     self.mode = Mode::Skip;
                 } else {
-                    buf.extend_from_slice(data);
+                    buf.push(data);
                 }
                 None
             }
@@ -168,7 +172,7 @@ impl Meter {
         let strip = self.strips();
         match std::mem::replace(&mut self.mode, Mode::Skip) {
             Mode::Json(buf) => {
-                self.usage = usage_of(&buf).or(self.usage);
+                self.usage = usage_of(buf.bytes()).or(self.usage);
                 (self.usage, None)
             }
             Mode::Sse(rest) => {
@@ -211,7 +215,7 @@ fn inspect(event: &[u8], usage: &mut Option<Usage>, strip: bool) -> bool {
             data.extend_from_slice(rest.strip_prefix(b" ").unwrap_or(rest));
         }
     }
-    let Some(r) = read(&data) else { return true };
+    let Some(r) = read(&data, true) else { return true };
     let Some(u) = r.usage else { return true };
     // Cumulative (vLLM's continuous usage stats) or final: the latest report is the usage.
     *usage = Some(u);

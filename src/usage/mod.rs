@@ -8,6 +8,7 @@
 //! `tollgate_usage_unparsed_requests_total{reason}`.
 
 pub mod meter;
+mod scan;
 pub mod settle;
 
 use std::time::Duration;

@@ -239,7 +239,12 @@ impl Fleet {
         self.breaker.success();
         self.metrics.up.set(1);
         self.count("redis");
-        match outcome(&reply, &limits, tier, ask.tokens) {
+        let decided = outcome(&reply, &limits, tier, ask.tokens).map(|mut quota| {
+            // The bucket's preformatted values, as the local limiter's admissions carry.
+            quota.fixed = bucket.fixed.clone();
+            quota
+        });
+        match decided {
             Ok(quota) if ask.holds() => {
                 let job = Settlement {
                     tokens_key: tokens_key(&base, &limits),

@@ -1,0 +1,99 @@
+//! Finding one member of a JSON object without parsing the rest (§12): the usage of a
+//! completion is a few bytes at the end of a body whose other members (choices, messages,
+//! embeddings) can be long, and a full parse of every response — even one that skips what it
+//! does not keep — was a tenth of a proxied request's instructions (`benches/load/profile.sh`).
+//!
+//! The scan knows only what it must to stay at the top level: strings (with their escapes,
+//! so a quote or brace inside one is never structure) and nesting. The member's value is then
+//! parsed for real, so what is reported is exactly what a parser reads.
+
+/// The value of member `key` of the top-level object of `json`, as the slice that starts with
+/// it (its end is the parser's business), or `None` if there is no such member or `json` is
+/// not an object.
+pub fn member<'a>(json: &'a [u8], key: &[u8]) -> Option<&'a [u8]> {
+    let mut i = skip_ws(json, 0);
+    if json.get(i) != Some(&b'{') {
+        return None;
+    }
+    i += 1;
+    let mut depth = 1u32;
+    // At the top level, a string right after `{` or `,` is a member's name.
+    let mut expect_name = true;
+    while i < json.len() {
+        match json[i] {
+            b'"' => {
+                let end = string_end(json, i + 1)?;
+                if depth == 1 && expect_name {
+                    let name = &json[i + 1..end - 1];
+                    let colon = skip_ws(json, end);
+                    if json.get(colon) != Some(&b':') {
+                        return None;
+                    }
+                    if name == key {
+                        return Some(&json[skip_ws(json, colon + 1)..]);
+                    }
+                    expect_name = false;
+                    i = colon + 1;
+                    continue;
+                }
+                i = end;
+                continue;
+            }
+            b'{' | b'[' => depth += 1,
+            b'}' | b']' => {
+                depth -= 1;
+                if depth == 0 {
+                    return None;
+                }
+            }
+            b',' if depth == 1 => expect_name = true,
+            _ => {}
+        }
+        i += 1;
+    }
+    None
+}
+
+/// The index just past the closing quote of the string whose content starts at `i`. Strings
+/// are most of a completion's bytes: skipped with `memchr`'s vectorised search.
+fn string_end(json: &[u8], mut i: usize) -> Option<usize> {
+    loop {
+        let at = i + memchr::memchr2(b'"', b'\\', json.get(i..)?)?;
+        if json[at] == b'"' {
+            return Some(at + 1);
+        }
+        i = at + 2;
+    }
+}
+
+fn skip_ws(json: &[u8], mut i: usize) -> usize {
+    while json.get(i).is_some_and(|b| matches!(b, b' ' | b'\t' | b'\n' | b'\r')) {
+        i += 1;
+    }
+    i
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn find<'a>(json: &'a str, key: &str) -> Option<&'a str> {
+        member(json.as_bytes(), key.as_bytes()).map(|v| std::str::from_utf8(v).unwrap())
+    }
+
+    #[test]
+    fn only_top_level_members_are_found() {
+        assert_eq!(find(r#"{"a":1,"usage":{"x":2}}"#, "usage"), Some(r#"{"x":2}}"#));
+        assert_eq!(find(" { \"usage\" :\n null }", "usage"), Some("null }"));
+        // Nested members, strings that look like members, escaped quotes: not the member.
+        assert_eq!(find(r#"{"choices":[{"usage":1}],"x":{"usage":2}}"#, "usage"), None);
+        assert_eq!(find(r#"{"content":"\"usage\":{\"prompt_tokens\":9}"}"#, "usage"), None);
+        assert_eq!(find(r#"{"content":"a\\","usage":3}"#, "usage"), Some("3}"));
+        assert_eq!(find(r#"{"content":"}{][","usage":4}"#, "usage"), Some("4}"));
+        assert_eq!(find(r#"{"usage_x":1,"xusage":2}"#, "usage"), None);
+        assert_eq!(find(r#"["usage",1]"#, "usage"), None);
+        assert_eq!(find(r#"{"a":"unterminated"#, "usage"), None);
+        assert_eq!(find("", "usage"), None);
+    }
+}
