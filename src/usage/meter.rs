@@ -115,10 +115,12 @@ pub struct Meter {
 impl Meter {
     /// A meter for a response of this `content-type`.
     pub fn new(content_type: Option<&str>, strip: bool) -> Meter {
-        let ct = content_type.unwrap_or("").to_ascii_lowercase();
-        let mode = if ct.starts_with("text/event-stream") {
+        let ct = content_type.unwrap_or("").as_bytes();
+        let is =
+            |prefix: &str| ct.get(..prefix.len()).is_some_and(|p| p.eq_ignore_ascii_case(prefix.as_bytes()));
+        let mode = if is("text/event-stream") {
             Mode::Sse(BytesMut::new())
-        } else if ct.starts_with("application/json") || ct.is_empty() {
+        } else if is("application/json") || ct.is_empty() {
             Mode::Json(Whole::default())
         } else {
             Mode::Skip

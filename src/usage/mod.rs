@@ -17,6 +17,7 @@ use bytes::Bytes;
 use http::{header, HeaderMap, Request};
 use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
+use serde::Deserialize;
 use serde_json::Value;
 
 use crate::body::Outgoing;
@@ -51,19 +52,32 @@ fn is_json(h: &HeaderMap) -> bool {
         .is_some_and(|v| v.trim_start().to_ascii_lowercase().starts_with("application/json"))
 }
 
-/// The fields of a request that the estimate and the injection need.
-#[derive(serde::Deserialize)]
+/// The members of a request that the estimate and the injection need, found by one scan of
+/// its top level (`scan.rs`: a long prompt is skipped by `memchr`, not parsed); `None` if the
+/// body is not a JSON object.
 struct Probe {
-    stream: Option<bool>,
-    stream_options: Option<StreamOptions>,
-    max_tokens: Option<u64>,
-    max_completion_tokens: Option<u64>,
-    max_output_tokens: Option<u64>,
+    stream: bool,
+    include_usage: bool,
+    max_output: Option<u64>,
 }
 
-#[derive(serde::Deserialize)]
-struct StreamOptions {
-    include_usage: Option<bool>,
+impl Probe {
+    fn of(json: &[u8]) -> Option<Probe> {
+        let [stream, options, max_tokens, max_completion, max_output] = scan::members(
+            json,
+            [b"stream", b"stream_options", b"max_tokens", b"max_completion_tokens", b"max_output_tokens"],
+        )?;
+        let number = |v: Option<&[u8]>| {
+            v.and_then(|v| u64::deserialize(&mut serde_json::Deserializer::from_slice(v)).ok())
+        };
+        Some(Probe {
+            stream: stream.is_some_and(|v| v.starts_with(b"true")),
+            include_usage: options
+                .and_then(|o| scan::member(o, b"include_usage"))
+                .is_some_and(|v| v.starts_with(b"true")),
+            max_output: number(max_tokens).or(number(max_completion)).or(number(max_output)),
+        })
+    }
 }
 
 /// Reads (and if need be rewrites) a token-counted request's body for its estimate; the
@@ -102,21 +116,15 @@ pub async fn prepare(
         crate::upstream::rewrite_body(&mut req, bytes);
         Ok((req, p))
     };
-    // Only the fields that matter, the rest skipped unbuilt: most requests are only read.
-    let Ok(probe) = serde_json::from_slice::<Probe>(&bytes) else {
+    // Only the members that matter: most requests are only read.
+    let Some(probe) = Probe::of(&bytes) else {
         // Forwarded as it came: the upstream gives the client its own error for it.
         let p = unparsed("not_json", Some(bytes.len() as u64));
         return whole(parts, bytes, p);
     };
-    let output = probe
-        .max_tokens
-        .or(probe.max_completion_tokens)
-        .or(probe.max_output_tokens)
-        .unwrap_or(default_output);
+    let output = probe.max_output.unwrap_or(default_output);
     let estimate = (bytes.len() as u64) / 4 + output;
-    let streaming = probe.stream == Some(true);
-    let asked = probe.stream_options.and_then(|o| o.include_usage) == Some(true);
-    if streaming && inject && !asked {
+    if probe.stream && inject && !probe.include_usage {
         // The rewrite is the one case that builds the whole document.
         let Ok(mut v) = serde_json::from_slice::<Value>(&bytes) else {
             return whole(parts, bytes, Prepared { estimate, injected: false, unparsed: None });

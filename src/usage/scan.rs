@@ -11,6 +11,28 @@
 /// it (its end is the parser's business), or `None` if there is no such member or `json` is
 /// not an object.
 pub fn member<'a>(json: &'a [u8], key: &[u8]) -> Option<&'a [u8]> {
+    let [found] = members(json, [key])?;
+    found
+}
+
+/// `member` for several keys in one pass: the first value of each; `None` if `json` is not an
+/// object, or is cut short before every key was found.
+pub fn members<'a, const N: usize>(json: &'a [u8], keys: [&[u8]; N]) -> Option<[Option<&'a [u8]>; N]> {
+    let mut found = [None; N];
+    scan(json, |name, value| {
+        for (k, slot) in keys.iter().zip(found.iter_mut()) {
+            if slot.is_none() && name == *k {
+                *slot = Some(value);
+            }
+        }
+        found.iter().any(Option::is_none)
+    })?;
+    Some(found)
+}
+
+/// Calls `each(name, value)` for the top-level members of `json` in order, while it returns
+/// true.
+fn scan<'a>(json: &'a [u8], mut each: impl FnMut(&[u8], &'a [u8]) -> bool) -> Option<()> {
     let mut i = skip_ws(json, 0);
     if json.get(i) != Some(&b'{') {
         return None;
@@ -29,8 +51,8 @@ pub fn member<'a>(json: &'a [u8], key: &[u8]) -> Option<&'a [u8]> {
                     if json.get(colon) != Some(&b':') {
                         return None;
                     }
-                    if name == key {
-                        return Some(&json[skip_ws(json, colon + 1)..]);
+                    if !each(name, &json[skip_ws(json, colon + 1)..]) {
+                        return Some(());
                     }
                     expect_name = false;
                     i = colon + 1;
@@ -43,7 +65,7 @@ pub fn member<'a>(json: &'a [u8], key: &[u8]) -> Option<&'a [u8]> {
             b'}' | b']' => {
                 depth -= 1;
                 if depth == 0 {
-                    return None;
+                    return Some(());
                 }
             }
             b',' if depth == 1 => expect_name = true,
@@ -95,5 +117,14 @@ mod tests {
         assert_eq!(find(r#"["usage",1]"#, "usage"), None);
         assert_eq!(find(r#"{"a":"unterminated"#, "usage"), None);
         assert_eq!(find("", "usage"), None);
+    }
+
+    #[test]
+    fn several_members_are_found_in_one_pass() {
+        let json = br#"{"model":"m","messages":[{"max_tokens":1}],"stream":true,"max_tokens":7}"#;
+        let [a, b, c] = members(json, [b"stream", b"max_tokens", b"stream_options"]).unwrap();
+        assert_eq!((a, b, c), (Some(&b"true,\"max_tokens\":7}"[..]), Some(&b"7}"[..]), None));
+        assert!(members(br#"{"stream":true,"cut"#, [b"stream", b"max_tokens"]).is_none(), "cut short");
+        assert!(members(br#"{"stream":true,"max_tokens":1,"cut"#, [b"stream", b"max_tokens"]).is_some());
     }
 }
