@@ -232,7 +232,7 @@
     daily_requests: 'Requests per day',
     tokens_per_minute: 'Tokens per minute',
     daily_tokens: 'Tokens per day',
-    max_concurrent_requests: 'Concurrent requests',
+    concurrent_requests: 'Concurrent requests',
   };
 
   function renderLimits() {
@@ -266,8 +266,27 @@
           cell('Remaining', l.remaining === null ? 'unknown' : num(l.remaining) + ' today' + used),
           cell('Resets', '00:00 UTC, ' + duration(l.reset_seconds)),
         );
+      } else if (name === 'tokens_per_minute') {
+        tr.append(
+          cell('Allowed', num(l.limit) + ' tokens per minute'),
+          cell('Remaining', l.remaining === null ? 'unknown' : num(l.remaining) + ' now'),
+          cell('Resets', l.reset_seconds === null ? '—' : (l.reset_seconds > 0 ? 'full ' + duration(l.reset_seconds) : 'full')),
+        );
+      } else if (name === 'daily_tokens') {
+        const used = typeof l.used === 'number' ? ' (' + num(l.used) + ' used)' : '';
+        tr.append(
+          cell('Allowed', num(l.limit) + ' tokens per day'),
+          cell('Remaining', l.remaining === null ? 'unknown' : num(l.remaining) + ' today' + used),
+          cell('Resets', '00:00 UTC, ' + duration(l.reset_seconds)),
+        );
+      } else if (name === 'concurrent_requests') {
+        tr.append(
+          cell('Allowed', num(l.limit) + ' at once'),
+          cell('Remaining', l.remaining === null ? 'unknown' : num(l.remaining) + ' free (' + num(l.in_flight) + ' in flight)'),
+          cell('Resets', 'when a request ends'),
+        );
       } else {
-        // Limits added later (tokens, concurrency) share the same fields.
+        // A limit this page does not know yet: the fields every limit has.
         tr.append(
           cell('Allowed', num(l.limit)),
           cell('Remaining', l.remaining === null || l.remaining === undefined ? 'unknown' : num(l.remaining)),

@@ -166,6 +166,10 @@ pub struct Peek {
     pub per_second: Option<(u32, u32, u32, i64)>,
     /// (daily budget, used today, remaining today, ms until 00:00 UTC).
     pub daily: Option<(u64, u64, u64, i64)>,
+    /// What remains of the token limits (§12), when the tier has them.
+    pub tokens: Option<tokens::Left>,
+    /// (concurrent requests allowed, in flight now), when the tier limits them.
+    pub concurrent: Option<(u32, u32)>,
 }
 
 impl Peek {
@@ -175,7 +179,7 @@ impl Peek {
             per_second: self.per_second.map(|(burst, remaining, rps, _)| (burst, remaining, rps)),
             daily: self.daily.map(|(budget, _, remaining, ms)| (budget, remaining, ms)),
             fixed: None,
-            tokens: None,
+            tokens: self.tokens,
         }
     }
 }
@@ -451,7 +455,12 @@ impl<C: Clock + Clone> Limiter<C> {
             }
             _ => None,
         };
-        Peek { applies_to: applies_to(scope), per_second, daily }
+        let tokens = bucket.tokens.as_ref().map(|t| t.peek(entity, now_ms));
+        let concurrent = bucket
+            .concurrency
+            .as_ref()
+            .map(|c| (bucket.limits.max_concurrent_requests.unwrap_or(0), c.in_flight(entity)));
+        Peek { applies_to: applies_to(scope), per_second, daily, tokens, concurrent }
     }
 
     /// Which limits apply to a request, and to whose state: a key's override, its

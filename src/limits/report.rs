@@ -4,7 +4,8 @@
 //!
 //! The JSON keys every limit by its name under `limits`, each with the same fields (`limit`,
 //! `remaining`, `reset_seconds`, plus what is particular to it), and `null` for a limit the tier
-//! does not set: further limits (tokens, concurrency) fit in beside these two unchanged.
+//! does not set: the request limits (§4), and the token and concurrency limits (§12) beside
+//! them (`concurrent_requests` has `in_flight` in place of a reset).
 
 use bytes::Bytes;
 use http::{header, HeaderValue, Response, StatusCode};
@@ -78,6 +79,34 @@ pub fn report(
             "resets_at": rfc3339((now_ms.div_euclid(crate::clock::DAY_MS) + 1) * crate::clock::DAY_MS),
         })
     });
+    let tokens = ok.and_then(|p| p.tokens);
+    let tokens_per_minute = limits.tokens_per_minute.map(|limit| {
+        let now = tokens.and_then(|t| t.per_minute);
+        json!({
+            "limit": limit,
+            "remaining": now.map(|(_, remaining, _)| remaining),
+            // Until the bucket holds `limit` again (refilled continuously).
+            "reset_seconds": now.map(|(_, _, full_in_ms)| full_in_ms as f64 / 1000.0),
+        })
+    });
+    let daily_tokens = limits.daily_tokens.map(|budget| {
+        let today = tokens.and_then(|t| t.daily);
+        json!({
+            "limit": budget,
+            "used": today.map(|(_, remaining, _)| budget - remaining),
+            "remaining": today.map(|(_, remaining, _)| remaining),
+            "reset_seconds": today.map(|(_, _, ms)| ms.div_euclid(1000) + i64::from(ms % 1000 != 0)),
+            "resets_at": rfc3339((now_ms.div_euclid(crate::clock::DAY_MS) + 1) * crate::clock::DAY_MS),
+        })
+    });
+    let concurrent = limits.max_concurrent_requests.map(|max| {
+        let now = ok.and_then(|p| p.concurrent);
+        json!({
+            "limit": max,
+            "in_flight": now.map(|(_, n)| n),
+            "remaining": now.map(|(_, n)| max.saturating_sub(n)),
+        })
+    });
     json!({
         "object": "limits",
         "key_id": &*caller.key_id,
@@ -92,6 +121,9 @@ pub fn report(
         "limits": {
             "requests_per_second": per_second,
             "daily_requests": daily,
+            "tokens_per_minute": tokens_per_minute,
+            "daily_tokens": daily_tokens,
+            "concurrent_requests": concurrent,
         },
     })
 }

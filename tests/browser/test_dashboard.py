@@ -9,6 +9,7 @@ import http.server
 import json
 import os
 import pathlib
+import re
 import shutil
 import subprocess
 import tempfile
@@ -78,6 +79,7 @@ class Tollgate:
             "shutdown: { drain_delay: 0s, timeout: 5s }\n"
             "tiers:\n"
             "  audit: { requests_per_second: 50, burst: 200, daily_requests: 100000,\n"
+            "           tokens_per_minute: 200000, daily_tokens: 20000000, max_concurrent_requests: 20,\n"
             "           scopes: [inference:read, inference:write, vetted:read, admin:keys] }\n"
             "  enterprise: { requests_per_second: 1000, burst: 4000 }\n" % (upstream_url, self.dir / "keys.db")
         )
@@ -218,6 +220,12 @@ def test_dashboard_end_to_end(tollgate):
         expect(page.locator("#limits-summary")).to_contain_text("Tier audit")
         expect(page.locator('#limits-body tr[data-limit="requests_per_second"]')).to_contain_text("50 per second, burst 200")
         expect(page.locator('#limits-body tr[data-limit="daily_requests"]')).to_contain_text("100,000 per day")
+        expect(page.locator('#limits-body tr[data-limit="tokens_per_minute"]')).to_contain_text("200,000 tokens per minute")
+        expect(page.locator('#limits-body tr[data-limit="tokens_per_minute"]')).to_contain_text("200,000 now")
+        expect(page.locator('#limits-body tr[data-limit="daily_tokens"]')).to_contain_text("20,000,000 tokens per day")
+        expect(page.locator('#limits-body tr[data-limit="concurrent_requests"]')).to_contain_text("20 at once")
+        # The page's own listing of keys is in flight while it reads the limits, or not: 19 or 20 free.
+        expect(page.locator('#limits-body tr[data-limit="concurrent_requests"]')).to_contain_text(re.compile(r"(19|20) free"))
         expect(page.locator("tr[data-key-id='%s']" % admin_id)).to_contain_text("this key")
         assert_no_leak(page, secrets, "sign-in")
 

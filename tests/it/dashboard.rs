@@ -3,6 +3,8 @@
 //! (`tiers.X.scopes`, `default_scopes`) through the API and the CLI. The page itself is driven
 //! in a real browser by tests/browser/.
 
+use std::time::Duration;
+
 use http_body_util::{BodyExt, Full};
 use serde_json::json;
 
@@ -131,7 +133,9 @@ async fn limits_are_reported_to_every_key_and_not_counted() {
     // A tier without limits: every limit null (unlimited), any scope is enough.
     let (rsp, v) = send_json(&client, call(&tg, "GET", "/v1/limits", &odd, None)).await;
     assert_eq!(rsp.status(), 200, "{v}");
-    assert_eq!(v["limits"], json!({"requests_per_second": null, "daily_requests": null}));
+    let nulls = json!({"requests_per_second": null, "daily_requests": null, "tokens_per_minute": null,
+        "daily_tokens": null, "concurrent_requests": null});
+    assert_eq!(v["limits"], nulls);
     assert_eq!(v["scopes"], json!(["something:else"]));
 
     // A missing or wrong key is refused like anywhere else; other methods are not served.
@@ -279,4 +283,101 @@ async fn limits_in_redis_are_read_without_spending_and_a_failure_is_reported() {
     assert!(v["message"].as_str().is_some_and(|m| m.contains("Redis")), "{v}");
     assert_eq!(remaining(&v), (None, None, None), "{v}");
     assert_eq!(v["limits"]["requests_per_second"]["limit"], 2);
+}
+
+/// Token and concurrency limits (§12) in the report, on both backends: what a completion used
+/// (its upstream's usage), what a running stream holds (its reservation, its slot), and that
+/// reading them spends nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn token_and_concurrency_limits_are_reported_on_both_backends() {
+    let redis = crate::redis_server::RedisServer::start();
+    let up = Upstream::start().await;
+    for backend in ["local", "redis"] {
+        let mut b = Tollgate::builder(&up.url()).section(
+            "tiers",
+            "{ llm: { requests_per_second: 100, tokens_per_minute: 6000, daily_tokens: 100000, max_concurrent_requests: 3 }, enterprise: {} }",
+        );
+        if backend == "redis" {
+            b = b
+                .section(
+                    "rate_limits",
+                    "{ backend: redis, redis: { url_env: TG_TEST_REDIS_URL, timeout: 500ms } }",
+                )
+                .env("TG_TEST_REDIS_URL", &redis.url());
+        }
+        let tg = b.start();
+        let client = h1();
+        let key = tg.create_key(&["--org", backend, "--tier", "llm", "--scope", "inference:write"]);
+        let report = || async {
+            let (rsp, v) = send_json(&client, call(&tg, "GET", "/v1/limits", &key, None)).await;
+            assert_eq!(rsp.status(), 200, "{v}");
+            assert_eq!(v["backend"], backend, "{v}");
+            assert_eq!(rsp.headers()["x-ratelimit-limit-tokens"], "6000");
+            v["limits"].clone()
+        };
+        let l = report().await;
+        assert_eq!(
+            l["tokens_per_minute"],
+            json!({"limit": 6000, "remaining": 6000, "reset_seconds": 0.0}),
+            "{l}"
+        );
+        assert_eq!(
+            (l["daily_tokens"]["used"].as_u64(), l["daily_tokens"]["remaining"].as_u64()),
+            (Some(0), Some(100_000))
+        );
+        assert_eq!(l["concurrent_requests"], json!({"limit": 3, "in_flight": 0, "remaining": 3}), "{l}");
+
+        // A completion whose upstream reports 11 tokens: today's use is 11 once it settled.
+        let chat = post_json(&tg.url("/v1/chat/completions"))
+            .header("authorization", format!("Bearer {key}"))
+            .header("x-mock", "openai")
+            .body(Full::from(r#"{"model":"m","max_tokens":10,"messages":[{"role":"user","content":"hi"}]}"#))
+            .unwrap();
+        let (rsp, _) = send_json(&client, chat).await;
+        assert_eq!(rsp.status(), 200);
+        let used_today = |l: &serde_json::Value| l["daily_tokens"]["used"].as_u64();
+        let settled = |want: u64| {
+            let report = &report;
+            async move {
+                let started = std::time::Instant::now();
+                loop {
+                    let l = report().await;
+                    if used_today(&l) == Some(want) {
+                        return l;
+                    }
+                    assert!(started.elapsed() < Duration::from_secs(5), "{backend}: never {want} used: {l}");
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            }
+        };
+        settled(11).await;
+
+        // A stream running holds a slot and its reservation (prompt bytes / 4 + 256).
+        let req = crate::tokens::stream(&tg, &key, 100, 100, &[]);
+        let estimate = (req.body().clone().collect().await.unwrap().to_bytes().len() / 4 + 256) as u64;
+        let mut rsp = send(&client, req).await;
+        assert_eq!(rsp.status(), 200);
+        let _first = rsp.body_mut().frame().await.unwrap().unwrap();
+        for _ in 0..3 {
+            let l = report().await;
+            assert_eq!(
+                l["concurrent_requests"],
+                json!({"limit": 3, "in_flight": 1, "remaining": 2}),
+                "{backend}: {l}"
+            );
+            assert_eq!(used_today(&l), Some(11 + estimate), "{backend}: {l}");
+            let left = l["tokens_per_minute"]["remaining"].as_u64().unwrap();
+            assert!(left < 6000 && l["tokens_per_minute"]["reset_seconds"].as_f64().unwrap() > 0.0, "{l}");
+        }
+        // The client leaves: the slot is free, the reservation stays charged (no usage came).
+        drop(rsp);
+        let l = settled(11 + estimate).await;
+        let started = std::time::Instant::now();
+        let mut l = l;
+        while l["concurrent_requests"]["in_flight"] != 0 {
+            assert!(started.elapsed() < Duration::from_secs(5), "{backend}: the slot stayed taken: {l}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            l = report().await;
+        }
+    }
 }

@@ -498,15 +498,24 @@ impl Fleet {
         let (bucket, entity, scope) = limiter.resolve(key_id, org, tier)?;
         let limits = bucket.limits;
         let applies_to = super::applies_to(scope);
-        if limits.requests_per_second.is_none() && limits.daily_requests.is_none() {
-            return Ok((limits, Ok(Peek { applies_to, per_second: None, daily: None })));
+        let llm = limits.counts_tokens() || limits.max_concurrent_requests.is_some();
+        if limits.requests_per_second.is_none() && limits.daily_requests.is_none() && !llm {
+            let none = Peek { applies_to, per_second: None, daily: None, tokens: None, concurrent: None };
+            return Ok((limits, Ok(none)));
         }
-        let base = requests_key(&self.entity_base(scope, entity, tier), &limits);
+        let entity_base = self.entity_base(scope, entity, tier);
+        let base = requests_key(&entity_base, &limits);
         let interval = limits.requests_per_second.map_or(0.0, |r| 1e6 / f64::from(r.max(1)));
         let burst = limits.burst.or(limits.requests_per_second).unwrap_or(1);
         let mut conn = self.conn.clone();
         let mut call = self.peek_script.key(format!("{base}:gcra"));
         call.key(format!("{base}:day")).arg(interval).arg(burst);
+        if llm {
+            call.key(tokens_key(&entity_base, &limits))
+                .key(leases_key(&entity_base))
+                .arg(limits.tokens_per_minute.unwrap_or(0))
+                .arg(limits.daily_tokens.unwrap_or(0));
+        }
         let asked = tokio::time::timeout(self.timeout, call.invoke_async::<Vec<i64>>(&mut conn)).await;
         let unknown =
             |why: String| Ok((limits, Err(format!("{why}; the shared limits are unknown right now."))));
@@ -518,7 +527,8 @@ impl Fleet {
             }
             Err(_) => return unknown(format!("Redis did not answer within {}ms", self.timeout.as_millis())),
         };
-        let [remaining, ahead_us, used, midnight_us] = v[..] else {
+        let [remaining, ahead_us, used, midnight_us, tokens, tokens_full_ms, tokens_today, in_flight] = v[..]
+        else {
             return unknown("Redis gave an unexpected answer".into());
         };
         let per_second = limits.requests_per_second.map(|rps| {
@@ -529,7 +539,19 @@ impl Fleet {
             let used = u64::try_from(used.max(0)).unwrap_or(0);
             (budget, used, budget.saturating_sub(used), midnight_us.max(0) / 1000)
         });
-        Ok((limits, Ok(Peek { applies_to, per_second, daily })))
+        let tokens_today = u64::try_from(tokens_today.max(0)).unwrap_or(0);
+        let tokens = limits.counts_tokens().then(|| tokens::Left {
+            per_minute: limits
+                .tokens_per_minute
+                .map(|m| (m, u64::try_from(tokens.max(0)).unwrap_or(0).min(m), tokens_full_ms.max(0))),
+            daily: limits
+                .daily_tokens
+                .map(|d| (d, d.saturating_sub(tokens_today), midnight_us.max(0) / 1000)),
+        });
+        let concurrent = limits
+            .max_concurrent_requests
+            .map(|max| (max, u32::try_from(in_flight.max(0)).unwrap_or(u32::MAX)));
+        Ok((limits, Ok(Peek { applies_to, per_second, daily, tokens, concurrent })))
     }
 
     /// Announces this replica and reads how many are live (every `ANNOUNCE_EVERY`).
