@@ -6,7 +6,6 @@
 use std::sync::Arc;
 
 use super::concurrency::Slot;
-use super::redis::FleetHold;
 use super::tokens::{Left, Tokens};
 use super::Wall;
 use crate::clock::DAY_MS;
@@ -15,7 +14,19 @@ use crate::clock::DAY_MS;
 pub struct Hold {
     pub(super) slot: Option<Slot>,
     pub(super) tokens: Option<TokenHold>,
-    pub(super) fleet: Option<FleetHold>,
+    pub(super) fleet: Option<Box<dyn Held>>,
+}
+
+/// What a shared backend holds for a request (the fleet's, in Redis: `redis::FleetHold`),
+/// behind a trait so that this file does not depend on the backend that depends on it.
+pub trait Held: Send + Sync {
+    /// What remained after the reservation, for the headers.
+    fn left(&self) -> Option<Left>;
+    /// The tokens reserved, if any.
+    fn reserved(&self) -> Option<u64>;
+    /// Charges `used` tokens in place of the reservation, and gives the slot back; dropping
+    /// it unsettled refunds the reservation.
+    fn settle(self: Box<Self>, used: u64);
 }
 
 impl Hold {
@@ -52,8 +63,8 @@ impl Hold {
         }
     }
 
-    /// What the fleet holds for a request it admitted.
-    pub(super) fn fleet(hold: FleetHold) -> Hold {
+    /// What a shared backend holds for a request it admitted.
+    pub(super) fn shared(hold: Box<dyn Held>) -> Hold {
         Hold { fleet: Some(hold), ..Hold::default() }
     }
 }

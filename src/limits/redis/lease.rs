@@ -14,6 +14,7 @@ use std::sync::Arc;
 
 use prometheus::IntGauge;
 
+use super::super::hold::Held;
 use super::super::tokens::Left;
 use super::Fleet;
 
@@ -55,21 +56,6 @@ impl FleetHold {
         FleetHold { fleet, job: Some(job), left, gauge }
     }
 
-    /// What remained after the reservation, for the headers.
-    pub fn left(&self) -> Option<Left> {
-        self.left
-    }
-
-    /// The tokens reserved, if any.
-    pub fn reserved(&self) -> Option<u64> {
-        self.job.as_ref().and_then(|j| j.reserved)
-    }
-
-    /// Charges `used` tokens in place of the reservation, and releases the lease.
-    pub fn settle(mut self, used: u64) {
-        self.finish(used);
-    }
-
     fn finish(&mut self, used: u64) {
         let Some(mut job) = self.job.take() else { return };
         if let Some(lease) = &job.lease {
@@ -85,6 +71,20 @@ impl FleetHold {
             let fleet = self.fleet.clone();
             runtime.spawn(async move { fleet.settle(job).await });
         }
+    }
+}
+
+impl Held for FleetHold {
+    fn left(&self) -> Option<Left> {
+        self.left
+    }
+
+    fn reserved(&self) -> Option<u64> {
+        self.job.as_ref().and_then(|j| j.reserved)
+    }
+
+    fn settle(mut self: Box<Self>, used: u64) {
+        self.finish(used);
     }
 }
 

@@ -257,7 +257,7 @@ impl Fleet {
                     lease,
                 };
                 let gauge = want.and_then(|w| w.gauge).filter(|_| ask.concurrent.is_some());
-                let hold = Hold::fleet(FleetHold::new(self.clone(), job, quota.tokens, gauge));
+                let hold = Hold::shared(Box::new(FleetHold::new(self.clone(), job, quota.tokens, gauge)));
                 Ok((quota, Some(hold)))
             }
             Ok(quota) => Ok((quota, None)),
