@@ -137,6 +137,7 @@ impl<C: Clock + Clone> Bucket<C> {
             tokens: limits.counts_tokens().then_some(tokens::Left {
                 per_minute: limits.tokens_per_minute.map(|m| (m, m, 0)),
                 daily: limits.daily_tokens.map(|d| (d, d, 0)),
+                used_today: 0,
             }),
         };
         Bucket {

@@ -93,7 +93,7 @@ pub fn report(
         let today = tokens.and_then(|t| t.daily);
         json!({
             "limit": budget,
-            "used": today.map(|(_, remaining, _)| budget - remaining),
+            "used": tokens.filter(|_| today.is_some()).map(|t| t.used_today),
             "remaining": today.map(|(_, remaining, _)| remaining),
             "reset_seconds": today.map(|(_, _, ms)| ms.div_euclid(1000) + i64::from(ms % 1000 != 0)),
             "resets_at": rfc3339((now_ms.div_euclid(crate::clock::DAY_MS) + 1) * crate::clock::DAY_MS),

@@ -56,6 +56,9 @@ pub enum Refused {
 pub struct Left {
     pub per_minute: Option<(u64, u64, i64)>,
     pub daily: Option<(u64, u64, i64)>,
+    /// Tokens counted today: reservations of requests still running and the usage of finished
+    /// ones (may exceed the daily budget: usage is charged in full).
+    pub used_today: u64,
 }
 
 impl Tokens {
@@ -96,6 +99,7 @@ impl Tokens {
                 (m, remaining.min(m), to_full.max(0))
             }),
             daily: self.daily.map(|d| (d, d.saturating_sub(s.used_today), until_midnight)),
+            used_today: s.used_today,
         }
     }
 
@@ -246,6 +250,12 @@ mod tests {
         // A reservation of yesterday settled today charges only what exceeded it.
         t.settle(&e(), 1000, day, 1200, MIDNIGHT + 1);
         assert_eq!(t.peek(&e(), MIDNIGHT + 1).daily.unwrap().1, 799);
+        assert_eq!(t.peek(&e(), MIDNIGHT + 1).used_today, 201);
+        // Usage is charged in full: what is counted today may pass the budget (nothing remains).
+        t.reserve(&e(), 799, MIDNIGHT + 2).unwrap();
+        t.settle(&e(), 799, MIDNIGHT / DAY_MS, 2000, MIDNIGHT + 3);
+        let left = t.peek(&e(), MIDNIGHT + 3);
+        assert_eq!((left.daily.unwrap().1, left.used_today), (0, 2201));
     }
 
     #[test]

@@ -547,6 +547,7 @@ impl Fleet {
             daily: limits
                 .daily_tokens
                 .map(|d| (d, d.saturating_sub(tokens_today), midnight_us.max(0) / 1000)),
+            used_today: tokens_today,
         });
         let concurrent = limits
             .max_concurrent_requests

@@ -70,6 +70,7 @@ impl Reply {
                 (m, u64::try_from(self.tokens.max(0)).unwrap_or(0).min(m), self.tokens_full_ms.max(0))
             }),
             daily: limits.daily_tokens.map(|d| (d, d.saturating_sub(today), self.until_midnight_us / 1000)),
+            used_today: today,
         })
     }
 }
