@@ -647,7 +647,12 @@
     $('confirm-yes').addEventListener('click', revoke);
     $('rotate-form').addEventListener('submit', rotate);
     $('secret-copy').addEventListener('click', copySecret);
-    $('secret-close').addEventListener('click', () => $('secret-dialog').close());
+    // Wiped before it closes: the dialog's `close` event (which also wipes, for Escape) comes a
+    // task later, and the key must not outlive the dialog by even that long.
+    $('secret-close').addEventListener('click', () => {
+      wipeSecret();
+      $('secret-dialog').close();
+    });
     $('audit-close').addEventListener('click', closeAudit);
     for (const b of document.querySelectorAll('[data-close]')) {
       b.addEventListener('click', () => $(b.dataset.close).close());
