@@ -3,6 +3,8 @@
 //! hold gives both back (the request failed before any byte, or was refused by a later limit);
 //! `settle` replaces the reservation by the usage reported.
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 
 use super::concurrency::Slot;
@@ -17,6 +19,12 @@ pub struct Hold {
     pub(super) fleet: Option<Box<dyn Held>>,
 }
 
+/// A settlement under way in a shared backend, done once the backend has applied it (or its
+/// wait, the backend's decision timeout, is over). A response's last bytes wait for it: a
+/// client that sends its next request, to any replica, once it has the whole response is
+/// decided after its previous one was settled — its slot free, its unused tokens back.
+pub type Settling = Pin<Box<dyn Future<Output = ()> + Send>>;
+
 /// What a shared backend holds for a request (the fleet's, in Redis: `redis::FleetHold`),
 /// behind a trait so that this file does not depend on the backend that depends on it.
 pub trait Held: Send + Sync {
@@ -25,8 +33,8 @@ pub trait Held: Send + Sync {
     /// The tokens reserved, if any.
     fn reserved(&self) -> Option<u64>;
     /// Charges `used` tokens in place of the reservation, and gives the slot back; dropping
-    /// it unsettled refunds the reservation.
-    fn settle(self: Box<Self>, used: u64);
+    /// it unsettled refunds the reservation (without a `Settling` to wait for).
+    fn settle(self: Box<Self>, used: u64) -> Option<Settling>;
 }
 
 impl Hold {
@@ -53,14 +61,25 @@ impl Hold {
         self.tokens.is_some() || self.fleet.as_ref().is_some_and(|f| f.reserved().is_some())
     }
 
-    /// Charges `used` tokens in place of the reservation, and releases the slot.
-    pub fn settle(mut self, used: u64) {
+    /// Charges `used` tokens in place of the reservation, and releases the slot; what a
+    /// shared backend still has to apply is the `Settling`.
+    pub fn settle(mut self, used: u64) -> Option<Settling> {
         if let Some(t) = self.tokens.take() {
             t.settle(used);
         }
-        if let Some(f) = self.fleet.take() {
-            f.settle(used);
-        }
+        self.fleet.take().and_then(|f| f.settle(used))
+    }
+
+    /// Gives everything back, the reservation refunded (as dropping it does), with what a
+    /// shared backend still has to apply.
+    pub fn release(mut self) -> Option<Settling> {
+        self.tokens.take();
+        self.fleet.take().and_then(|f| f.settle(0))
+    }
+
+    /// Whether a shared backend settles it, later than its `settle` returns.
+    pub fn settles_later(&self) -> bool {
+        self.fleet.is_some()
     }
 
     /// What a shared backend holds for a request it admitted.

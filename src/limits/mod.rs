@@ -30,7 +30,7 @@ mod refusal;
 pub mod report;
 pub mod tokens;
 
-pub use hold::{Hold, TokenHold};
+pub use hold::{Hold, Settling, TokenHold};
 
 #[cfg(test)]
 use quota::put_openai_duration;

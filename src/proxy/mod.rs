@@ -31,6 +31,7 @@ use crate::body::Body;
 use crate::error::Error;
 use crate::keys::api as keys_api;
 use crate::limits::redis::Want;
+use crate::limits::Hold;
 use crate::net::Peer;
 use crate::state::{Snapshot, State};
 use crate::upstream;
@@ -147,26 +148,44 @@ impl Proxy {
                 self.state.metrics.usage_unparsed.with_label_values(&[reason]).inc();
             }
             self.admit(snap, ctx, Some(prepared.estimate), true).await?;
-            let mut rsp = self.forward(snap, req, ctx, route).await?;
-            self.settle_when_done(&mut rsp, ctx, &principal.tier, prepared.injected);
-            return Ok(rsp);
+            return self.forward_holding(snap, req, ctx, route, &principal.tier, prepared.injected).await;
         }
         self.admit(snap, ctx, None, holds).await?;
-        let mut rsp = self.forward(snap, req, ctx, route).await?;
-        if ctx.hold.is_some() {
-            self.settle_when_done(&mut rsp, ctx, &principal.tier, false);
-        }
-        Ok(rsp)
+        self.forward_holding(snap, req, ctx, route, &principal.tier, false).await
     }
 
-    /// Hands what the request holds (a concurrency slot, a token reservation) to the response
-    /// body, which gives it back — settled with the reported usage — when it ends. An upstream
-    /// that refused the work (not 2xx) is charged nothing.
-    fn settle_when_done(&self, rsp: &mut Response<Body>, ctx: &mut Ctx, tier: &str, injected: bool) {
-        let Some(hold) = ctx.hold.take() else { return };
-        if !rsp.status().is_success() {
-            return drop(hold);
+    /// Forwards; what the request holds (a concurrency slot, a token reservation) goes with a
+    /// successful response's body. Without one — no response, or one that is not 2xx: the
+    /// upstream refused the work — it is given back, charged nothing, before the answer leaves,
+    /// so that a retry finds it back (a fleet's settlement waited for, within its timeout).
+    async fn forward_holding(
+        &self,
+        snap: &Snapshot,
+        req: Request<impl Into<crate::body::Outgoing>>,
+        ctx: &mut Ctx,
+        route: &Route,
+        tier: &str,
+        injected: bool,
+    ) -> Result<Response<Body>, Error> {
+        let forwarded = self.forward(snap, req, ctx, route).await;
+        let Some(hold) = ctx.hold.take() else { return forwarded };
+        match forwarded {
+            Ok(mut rsp) if rsp.status().is_success() => {
+                self.settle_when_done(&mut rsp, hold, tier, injected);
+                Ok(rsp)
+            }
+            other => {
+                if let Some(settling) = hold.release() {
+                    settling.await;
+                }
+                other
+            }
         }
+    }
+
+    /// Hands what the request holds to the response body, which gives it back — settled with
+    /// the reported usage — when it ends.
+    fn settle_when_done(&self, rsp: &mut Response<Body>, hold: Hold, tier: &str, injected: bool) {
         let counters = usage::settle::Counters {
             tokens: self.state.metrics.tokens.clone(),
             unreported: self.state.metrics.usage_unreported.clone(),
@@ -178,8 +197,10 @@ impl Proxy {
             // The client did not ask for the usage chunk: it never sees it (nor a length that
             // would count it).
             rsp.headers_mut().remove(http::header::CONTENT_LENGTH);
+        }
+        if meter.strips() || hold.settles_later() {
             let body = std::mem::replace(rsp.body_mut(), Body::empty());
-            *rsp.body_mut() = Body::stream(usage::settle::Stripped::new(body, hold, meter, counters));
+            *rsp.body_mut() = Body::stream(usage::settle::Metered::new(body, hold, meter, counters));
         } else {
             rsp.body_mut().observe(Box::new(usage::settle::Settle::new(hold, meter, counters)));
         }

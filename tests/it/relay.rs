@@ -2,7 +2,7 @@
 //! faults without touching the server other tests use: pass, cut every connection, refuse new
 //! ones (the port closed), black-hole (connections accepted, nothing relayed either way), or
 //! freeze the connections open now (half-open: silent forever, never closed) while new ones
-//! pass.
+//! pass; and delay what goes to the server (a slow network on the way there).
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -29,6 +29,8 @@ pub struct Relay {
     cut_below: watch::Sender<u64>,
     /// … and those below this relay nothing more, ever, but stay open.
     frozen_below: watch::Sender<u64>,
+    /// How long each chunk toward the server is held before it is sent on.
+    delay: watch::Sender<Duration>,
     accepted: Arc<AtomicU64>,
     task: tokio::task::JoinHandle<()>,
 }
@@ -38,6 +40,7 @@ struct Controls {
     mode: watch::Receiver<Mode>,
     cut_below: watch::Receiver<u64>,
     frozen_below: watch::Receiver<u64>,
+    delay: watch::Receiver<Duration>,
 }
 
 impl Relay {
@@ -47,15 +50,22 @@ impl Relay {
         let (mode, mode_rx) = watch::channel(Mode::Pass);
         let (cut_below, cut_rx) = watch::channel(0u64);
         let (frozen_below, frozen_rx) = watch::channel(0u64);
+        let (delay, delay_rx) = watch::channel(Duration::ZERO);
         let accepted = Arc::new(AtomicU64::new(0));
-        let controls = Controls { mode: mode_rx, cut_below: cut_rx, frozen_below: frozen_rx };
+        let controls =
+            Controls { mode: mode_rx, cut_below: cut_rx, frozen_below: frozen_rx, delay: delay_rx };
         let task = tokio::spawn(accept(listener, addr, target, controls, accepted.clone()));
-        Relay { addr, mode, cut_below, frozen_below, accepted, task }
+        Relay { addr, mode, cut_below, frozen_below, delay, accepted, task }
     }
 
     /// A `postgres://` URL through this relay to the database `name` on the server.
     pub fn postgres_url(&self, name: &str) -> String {
         format!("postgres://postgres@{}/{name}", self.addr)
+    }
+
+    /// Holds every chunk sent toward the server for `d` (in order) from now on.
+    pub fn delay_to_server(&self, d: Duration) {
+        self.delay.send_replace(d);
     }
 
     pub fn set(&self, mode: Mode) {
@@ -129,8 +139,8 @@ async fn relay(client: TcpStream, target: SocketAddr, id: u64, controls: Control
     let Ok(server) = TcpStream::connect(target).await else { return };
     let (cr, cw) = client.into_split();
     let (sr, sw) = server.into_split();
-    let up = pipe(cr, sw, id, controls.clone());
-    let down = pipe(sr, cw, id, controls.clone());
+    let up = pipe(cr, sw, id, true, controls.clone());
+    let down = pipe(sr, cw, id, false, controls.clone());
     tokio::select! {
         _ = up => {}
         _ = down => {}
@@ -140,11 +150,12 @@ async fn relay(client: TcpStream, target: SocketAddr, id: u64, controls: Control
 }
 
 /// Copies `from` → `to`, holding every chunk while the relay is a black hole, and everything
-/// for good once this connection is frozen.
+/// for good once this connection is frozen; `toward_server`, each chunk for the delay.
 async fn pipe(
     mut from: tokio::net::tcp::OwnedReadHalf,
     mut to: tokio::net::tcp::OwnedWriteHalf,
     id: u64,
+    toward_server: bool,
     mut controls: Controls,
 ) {
     let mut buf = vec![0u8; 16 * 1024];
@@ -165,6 +176,10 @@ async fn pipe(
         }
         if *controls.frozen_below.borrow() > id {
             return std::future::pending().await;
+        }
+        let delay = *controls.delay.borrow();
+        if toward_server && !delay.is_zero() {
+            tokio::time::sleep(delay).await;
         }
         if to.write_all(&buf[..n]).await.is_err() {
             return;

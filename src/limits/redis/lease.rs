@@ -3,8 +3,9 @@
 //! replaced by the usage reported, the lease released — exactly once, when the hold is settled
 //! or dropped (dropped unsettled: refunded, as the local hold is).
 //!
-//! The settlement is a Redis call of its own, made in a task after the response has ended, so
-//! that no response waits for it. A lease is renewed while its request runs (`Fleet::renew`,
+//! The settlement is a Redis call of its own, made in a task when the response ends; the
+//! response's last bytes wait for it (at most the decision timeout), so that the client's next
+//! request, on any replica, is decided after it. A lease is renewed while its request runs (`Fleet::renew`,
 //! every third of `concurrency_lease`), so a stream may last as long as it likes; a replica
 //! that dies stops renewing, and its slots come back when their leases run out. A settlement
 //! that fails (Redis down at that moment) leaves the reservation charged — the estimate stands,
@@ -14,9 +15,10 @@ use std::sync::Arc;
 
 use prometheus::IntGauge;
 
-use super::super::hold::Held;
+use super::super::hold::{Held, Settling};
 use super::super::tokens::Left;
-use super::Fleet;
+use super::{leases_key, tokens_key, Fleet};
+use crate::config::Tier;
 
 /// The keys and limits a settlement needs.
 pub(super) struct Settlement {
@@ -30,6 +32,28 @@ pub(super) struct Settlement {
     pub(super) day: i64,
     pub(super) used: u64,
     pub(super) lease: Option<String>,
+}
+
+impl Settlement {
+    /// What a request that reserved `reserved` tokens at `now_ms` (its lease `lease`) settles.
+    pub(super) fn of(
+        base: &str,
+        limits: &Tier,
+        reserved: Option<u64>,
+        now_ms: i64,
+        lease: Option<String>,
+    ) -> Settlement {
+        Settlement {
+            tokens_key: tokens_key(base, limits),
+            leases_key: leases_key(base),
+            per_minute: limits.tokens_per_minute,
+            daily: limits.daily_tokens,
+            reserved,
+            day: now_ms.div_euclid(crate::clock::DAY_MS),
+            used: 0,
+            lease,
+        }
+    }
 }
 
 pub struct FleetHold {
@@ -56,8 +80,10 @@ impl FleetHold {
         FleetHold { fleet, job: Some(job), left, gauge }
     }
 
-    fn finish(&mut self, used: u64) {
-        let Some(mut job) = self.job.take() else { return };
+    /// Hands the settlement to a task of its own (it is made even if nobody waits for it),
+    /// and returns its wait, bounded by the decision timeout.
+    fn finish(&mut self, used: u64) -> Option<Settling> {
+        let mut job = self.job.take()?;
         if let Some(lease) = &job.lease {
             self.fleet.leases.remove(lease);
             if let Some(g) = &self.gauge {
@@ -67,10 +93,17 @@ impl FleetHold {
         job.used = used;
         // Outside a runtime (a process shutting down) nothing can be sent: the lease runs out,
         // the reservation stands.
-        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-            let fleet = self.fleet.clone();
-            runtime.spawn(async move { fleet.settle(job).await });
-        }
+        let runtime = tokio::runtime::Handle::try_current().ok()?;
+        let fleet = self.fleet.clone();
+        let (done, settled) = tokio::sync::oneshot::channel();
+        runtime.spawn(async move {
+            fleet.settle(job).await;
+            let _ = done.send(());
+        });
+        let wait = self.fleet.timeout;
+        Some(Box::pin(async move {
+            let _ = tokio::time::timeout(wait, settled).await;
+        }))
     }
 }
 
@@ -83,13 +116,13 @@ impl Held for FleetHold {
         self.job.as_ref().and_then(|j| j.reserved)
     }
 
-    fn settle(mut self: Box<Self>, used: u64) {
-        self.finish(used);
+    fn settle(mut self: Box<Self>, used: u64) -> Option<Settling> {
+        self.finish(used)
     }
 }
 
 impl Drop for FleetHold {
     fn drop(&mut self) {
-        self.finish(0);
+        let _ = self.finish(0);
     }
 }

@@ -61,7 +61,8 @@ const PEEK_SCRIPT: &str = include_str!("peek.lua");
 const SETTLE_SCRIPT: &str = include_str!("settle.lua");
 const RENEW_SCRIPT: &str = include_str!("renew.lua");
 
-/// The longest a settlement or a renewal waits for Redis: neither is on a request's path.
+/// The longest a settlement or a renewal waits for Redis, neither on a request's path (a
+/// settlement at least the decision timeout, which a response's last bytes wait for).
 const BACKGROUND_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// Replicas announce themselves this often, and count as live this long.
@@ -246,16 +247,7 @@ impl Fleet {
         });
         match decided {
             Ok(quota) if ask.holds() => {
-                let job = Settlement {
-                    tokens_key: tokens_key(&base, &limits),
-                    leases_key: leases_key(&base),
-                    per_minute: limits.tokens_per_minute,
-                    daily: limits.daily_tokens,
-                    reserved: ask.tokens,
-                    day: crate::clock::now_ms().div_euclid(crate::clock::DAY_MS),
-                    used: 0,
-                    lease,
-                };
+                let job = Settlement::of(&base, &limits, ask.tokens, crate::clock::now_ms(), lease);
                 let gauge = want.and_then(|w| w.gauge).filter(|_| ask.concurrent.is_some());
                 let hold = Hold::shared(Box::new(FleetHold::new(self.clone(), job, quota.tokens, gauge)));
                 Ok((quota, Some(hold)))
@@ -413,7 +405,8 @@ impl Fleet {
 
     /// Settles what a request held (`lease.rs`), in the background.
     async fn settle(&self, job: Settlement) {
-        let asked = tokio::time::timeout(BACKGROUND_TIMEOUT, self.run_settle(&job, None)).await;
+        let asked =
+            tokio::time::timeout(BACKGROUND_TIMEOUT.max(self.timeout), self.run_settle(&job, None)).await;
         let outcome = match asked {
             Ok(Ok(_)) => "ok",
             Ok(Err(e)) => {
@@ -598,13 +591,9 @@ impl Fleet {
         now_us: i64,
         llm: Option<(Option<u64>, &str)>,
     ) -> Result<Result<Quota, Box<Rejection>>, redis::RedisError> {
-        let (bucket, entity, scope) = limiter.resolve(entity, entity, tier).map_err(|_| {
-            redis::RedisError::from((redis::ErrorKind::InvalidClientConfig, "tier not configured"))
-        })?;
-        let limits = bucket.limits;
+        let (limits, base) = self.resolve_at(limiter, entity, tier)?;
         let want = llm.map(|(estimate, _)| Want { estimate, gauge: None });
         let ask = Ask::new(&limits, want.as_ref());
-        let base = self.entity_base(scope, entity, tier);
         let lease = llm.map(|(_, l)| l);
         let reply =
             self.ask(&base, &requests_key(&base, &limits), &limits, &ask, lease, Some(now_us)).await?;
@@ -624,22 +613,23 @@ impl Fleet {
         used: u64,
     ) -> redis::RedisResult<(i64, i64)> {
         let (reserved, lease) = held;
+        let (limits, base) = self.resolve_at(limiter, entity, tier)?;
+        let mut job = Settlement::of(&base, &limits, reserved, now_us / 1000, Some(lease.to_string()));
+        job.used = used;
+        self.run_settle(&job, Some(now_us)).await
+    }
+
+    /// The limits and the key base of an entity under a tier (the fixed-time entry points).
+    fn resolve_at(
+        &self,
+        limiter: &Limiter,
+        entity: &Arc<str>,
+        tier: &str,
+    ) -> redis::RedisResult<(Tier, String)> {
         let (bucket, entity, scope) = limiter.resolve(entity, entity, tier).map_err(|_| {
             redis::RedisError::from((redis::ErrorKind::InvalidClientConfig, "tier not configured"))
         })?;
-        let limits = bucket.limits;
-        let base = self.entity_base(scope, entity, tier);
-        let job = Settlement {
-            tokens_key: tokens_key(&base, &limits),
-            leases_key: leases_key(&base),
-            per_minute: limits.tokens_per_minute,
-            daily: limits.daily_tokens,
-            reserved,
-            day: (now_us / 1000).div_euclid(crate::clock::DAY_MS),
-            used,
-            lease: Some(lease.to_string()),
-        };
-        self.run_settle(&job, Some(now_us)).await
+        Ok((bucket.limits, self.entity_base(scope, entity, tier)))
     }
 }
 
