@@ -6,9 +6,8 @@
 //! usage-only chunk tollgate asked for is held back — and dropped — when stripping.
 
 use bytes::{Bytes, BytesMut};
-use serde::Deserialize;
 
-use super::scan::member;
+use super::scan::{member, members, unsigned};
 
 /// Tokens as the upstream reported them.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -23,14 +22,6 @@ impl Usage {
     }
 }
 
-#[derive(Deserialize)]
-struct Counts {
-    prompt_tokens: Option<u64>,
-    input_tokens: Option<u64>,
-    completion_tokens: Option<u64>,
-    output_tokens: Option<u64>,
-}
-
 /// What a document says: its usage, and whether its `choices` is an empty list.
 struct Read {
     usage: Option<Usage>,
@@ -38,17 +29,20 @@ struct Read {
 }
 
 /// Reads the members that matter — `usage` (or `response.usage`) and `choices` — found by a
-/// scan of the top level (`scan.rs`), each parsed on its own; the rest is never parsed.
+/// scan of the top level (`scan.rs`), and the counts in `usage` by a scan of it; the rest is
+/// never parsed.
 fn read(json: &[u8], choices: bool) -> Option<Read> {
-    let parse =
-        |v: &[u8]| Option::<Counts>::deserialize(&mut serde_json::Deserializer::from_slice(v)).ok().flatten();
+    let object = |v: &&[u8]| v.first() == Some(&b'{');
     let counts = member(json, b"usage")
-        .and_then(parse)
-        .or_else(|| member(json, b"response").and_then(|r| member(r, b"usage")).and_then(parse))?;
-    let usage = counts.prompt_tokens.or(counts.input_tokens).map(|prompt| Usage {
-        prompt,
-        completion: counts.completion_tokens.or(counts.output_tokens).unwrap_or(0),
-    });
+        .filter(object)
+        .or_else(|| member(json, b"response").and_then(|r| member(r, b"usage")).filter(object))?;
+    // Chat and completions say prompt/completion, responses input/output.
+    let [prompt, input, completion, output] =
+        members(counts, [b"prompt_tokens", b"input_tokens", b"completion_tokens", b"output_tokens"])?;
+    let number = |v: Option<&[u8]>| v.and_then(unsigned);
+    let usage = number(prompt)
+        .or(number(input))
+        .map(|prompt| Usage { prompt, completion: number(completion).or(number(output)).unwrap_or(0) });
     // `"choices": []`: the list's first non-blank byte closes it.
     let no_choices = choices
         && member(json, b"choices").is_some_and(|v| {
@@ -262,6 +256,17 @@ mod tests {
         let mut m = Meter::new(Some("application/json"), false);
         m.feed(&Bytes::from_static(br#"{"error":{"message":"bad"}}"#));
         assert_eq!(m.finish().0, None);
+        // A `usage` that is not an object is none; counts that are not integers are not counts.
+        assert_eq!(
+            usage_of(br#"{"usage":null,"response":{"usage":{"input_tokens":2}}}"#),
+            Some(Usage { prompt: 2, completion: 0 })
+        );
+        assert_eq!(usage_of(br#"{"usage":{"prompt_tokens":1.5,"completion_tokens":2}}"#), None);
+        assert_eq!(usage_of(br#"{"usage":{"prompt_tokens":-1}}"#), None);
+        assert_eq!(
+            usage_of(br#"{"usage":{"total_tokens":3,"completion_tokens":"2","prompt_tokens":4}}"#),
+            Some(Usage { prompt: 4, completion: 0 })
+        );
     }
 
     #[test]

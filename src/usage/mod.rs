@@ -17,7 +17,6 @@ use bytes::Bytes;
 use http::{header, HeaderMap, Request};
 use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
-use serde::Deserialize;
 use serde_json::Value;
 
 use crate::body::Outgoing;
@@ -67,9 +66,7 @@ impl Probe {
             json,
             [b"stream", b"stream_options", b"max_tokens", b"max_completion_tokens", b"max_output_tokens"],
         )?;
-        let number = |v: Option<&[u8]>| {
-            v.and_then(|v| u64::deserialize(&mut serde_json::Deserializer::from_slice(v)).ok())
-        };
+        let number = |v: Option<&[u8]>| v.and_then(scan::unsigned);
         Some(Probe {
             stream: stream.is_some_and(|v| v.starts_with(b"true")),
             include_usage: options

@@ -88,6 +88,20 @@ fn string_end(json: &[u8], mut i: usize) -> Option<usize> {
     }
 }
 
+/// The non-negative integer that `value` (a member's value, as `member` gives it) starts with,
+/// as a JSON parser reads it into a `u64`: `None` for anything else — a string, `null`, a
+/// negative, fractional or exponent number, leading zeros, or one past `u64::MAX`.
+pub fn unsigned(value: &[u8]) -> Option<u64> {
+    let digits = value.iter().take_while(|b| b.is_ascii_digit()).count();
+    if digits == 0 || (digits > 1 && value[0] == b'0') {
+        return None;
+    }
+    if value.get(digits).is_some_and(|b| matches!(b, b'.' | b'e' | b'E')) {
+        return None;
+    }
+    value[..digits].iter().try_fold(0u64, |n, d| n.checked_mul(10)?.checked_add(u64::from(d - b'0')))
+}
+
 fn skip_ws(json: &[u8], mut i: usize) -> usize {
     while json.get(i).is_some_and(|b| matches!(b, b' ' | b'\t' | b'\n' | b'\r')) {
         i += 1;
@@ -117,6 +131,18 @@ mod tests {
         assert_eq!(find(r#"["usage",1]"#, "usage"), None);
         assert_eq!(find(r#"{"a":"unterminated"#, "usage"), None);
         assert_eq!(find("", "usage"), None);
+    }
+
+    #[test]
+    fn unsigned_integers_are_read_as_a_json_parser_reads_them() {
+        for (v, n) in
+            [("0}", Some(0)), ("42,", Some(42)), ("7", Some(7)), ("18446744073709551615 ", Some(u64::MAX))]
+        {
+            assert_eq!(unsigned(v.as_bytes()), n, "{v}");
+        }
+        for v in ["-1,", "1.5,", "1e3}", "2E1", "01,", "\"5\",", "null,", "", "18446744073709551616"] {
+            assert_eq!(unsigned(v.as_bytes()), None, "{v}");
+        }
     }
 
     #[test]
