@@ -4,6 +4,9 @@
 //! Labels are low-cardinality by construction: `route` is a route *pattern* (or `unmatched`),
 //! `method` is folded to the standard methods, `code` is an error code of §5 or `ok`.
 
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
+
 use prometheus::{
     Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
     Registry, TextEncoder,
@@ -33,6 +36,16 @@ pub struct Metrics {
     pub usage_unreported: IntCounterVec,
     pub usage_unparsed: IntCounterVec,
     pub concurrent: IntGaugeVec,
+    /// The per-tier series of LLM requests, resolved once per tier: a label lookup costs
+    /// hundreds of instructions, and a token-limited request needs three.
+    tiers: RwLock<HashMap<String, Arc<TierMetrics>>>,
+}
+
+/// One tier's series of `tollgate_tokens_total` and `tollgate_concurrent_requests`.
+pub struct TierMetrics {
+    pub prompt_tokens: IntCounter,
+    pub completion_tokens: IntCounter,
+    pub concurrent: IntGauge,
 }
 
 /// Latency buckets from 1 ms to 10 min: inference requests run from milliseconds (embeddings)
@@ -50,6 +63,24 @@ const LAG_BUCKETS: &[f64] = &[0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5
 const BACKEND_BUCKETS: &[f64] = &[0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1];
 
 impl Metrics {
+    /// The series of `tier` (tiers are few: configured ones).
+    pub fn tier(&self, tier: &str) -> Arc<TierMetrics> {
+        if let Some(t) = self.tiers.read().unwrap_or_else(|e| e.into_inner()).get(tier) {
+            return t.clone();
+        }
+        let mut tiers = self.tiers.write().unwrap_or_else(|e| e.into_inner());
+        tiers
+            .entry(tier.to_string())
+            .or_insert_with(|| {
+                Arc::new(TierMetrics {
+                    prompt_tokens: self.tokens.with_label_values(&[tier, "prompt"]),
+                    completion_tokens: self.tokens.with_label_values(&[tier, "completion"]),
+                    concurrent: self.concurrent.with_label_values(&[tier]),
+                })
+            })
+            .clone()
+    }
+
     pub fn new() -> Result<Metrics, prometheus::Error> {
         let registry = Registry::new();
         let counter_vec =
@@ -176,6 +207,7 @@ impl Metrics {
                 Opts::new("tollgate_concurrent_requests", "Requests holding a concurrency slot, by tier."),
                 &["tier"],
             )?,
+            tiers: RwLock::new(HashMap::new()),
             registry,
         };
         m.registry.register(Box::new(m.inflight.clone()))?;

@@ -6,12 +6,12 @@
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 
-use dashmap::DashMap;
+use super::Map;
 use prometheus::IntGauge;
 
 pub struct Concurrency {
     max: u32,
-    in_flight: DashMap<Arc<str>, Arc<AtomicU32>>,
+    in_flight: Map<Arc<AtomicU32>>,
 }
 
 /// One request's place; gives it back when dropped.
@@ -31,7 +31,7 @@ impl Drop for Slot {
 
 impl Concurrency {
     pub fn new(max: Option<u32>) -> Option<Concurrency> {
-        max.map(|max| Concurrency { max, in_flight: DashMap::new() })
+        max.map(|max| Concurrency { max, in_flight: Map::default() })
     }
 
     /// A slot for `entity`, or `None` when `max` are in flight.

@@ -40,6 +40,11 @@ use refusal::{message, reject, retry_after};
 
 type Gcra<C> = RateLimiter<Arc<str>, SharedCells, C, StateInformationMiddleware>;
 
+/// A map by key or organisation id. foldhash, not SipHash: the ids are our store's, never a
+/// client's choice, so flood resistance buys nothing, and each limited request hashes its
+/// entity once per map it touches.
+pub(crate) type Map<V> = DashMap<Arc<str>, V, foldhash::fast::RandomState>;
+
 /// governor's own DashMap of GCRA cells, shared with the bucket so that `peek` can read a cell.
 /// governor keeps its state store private and offers no read-only check (every `check_key`
 /// consumes a cell), but its `StateStore` trait lets the caller own the store: this one hands
@@ -101,7 +106,7 @@ pub struct Bucket<C: Clock + Clone> {
     cells: SharedCells,
     start: C::Instant,
     /// Per limited entity: (UTC day number, requests admitted that day).
-    daily: DashMap<Arc<str>, Mutex<(i64, u64)>>,
+    daily: Map<Mutex<(i64, u64)>>,
     /// The header values that depend on the limits alone, formatted once.
     fixed: Option<Arc<Fixed>>,
     /// Token limits (§12), shared with the reservations in flight.
@@ -145,7 +150,7 @@ impl<C: Clock + Clone> Bucket<C> {
             gcra,
             cells,
             start,
-            daily: DashMap::new(),
+            daily: Map::default(),
             fixed: full.format_fixed().map(Arc::new),
             tokens: tokens::Tokens::new(limits.tokens_per_minute, limits.daily_tokens).map(Arc::new),
             concurrency: concurrency::Concurrency::new(limits.max_concurrent_requests),

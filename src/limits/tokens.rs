@@ -10,7 +10,7 @@
 
 use std::sync::{Arc, Mutex};
 
-use dashmap::DashMap;
+use super::Map;
 
 use crate::clock::DAY_MS;
 
@@ -41,7 +41,7 @@ struct State {
 pub struct Tokens {
     per_minute: Option<u64>,
     daily: Option<u64>,
-    states: DashMap<Arc<str>, Mutex<State>>,
+    states: Map<Mutex<State>>,
 }
 
 /// Why a reservation was refused, and for how long (milliseconds).
@@ -66,7 +66,7 @@ impl Tokens {
         (per_minute.is_some() || daily.is_some()).then(|| Tokens {
             per_minute,
             daily,
-            states: DashMap::new(),
+            states: Map::default(),
         })
     }
 

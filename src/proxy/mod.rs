@@ -187,9 +187,8 @@ impl Proxy {
     /// the reported usage — when it ends.
     fn settle_when_done(&self, rsp: &mut Response<Body>, hold: Hold, tier: &str, injected: bool) {
         let counters = usage::settle::Counters {
-            tokens: self.state.metrics.tokens.clone(),
+            tier: self.state.metrics.tier(tier),
             unreported: self.state.metrics.usage_unreported.clone(),
-            tier: tier.into(),
         };
         let content_type = rsp.headers().get(http::header::CONTENT_TYPE).and_then(|v| v.to_str().ok());
         let meter = usage::meter::Meter::new(content_type, injected);
@@ -218,7 +217,7 @@ impl Proxy {
         let Some(p) = ctx.principal.as_deref() else {
             return Ok(());
         };
-        let gauge = || self.state.metrics.concurrent.with_label_values(&[&p.tier]);
+        let gauge = || self.state.metrics.tier(&p.tier).concurrent.clone();
         let decided = match &self.state.fleet {
             // Tokens and concurrency first: given back by dropping the hold if the request
             // limits refuse.

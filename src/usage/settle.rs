@@ -21,13 +21,14 @@ use prometheus::IntCounterVec;
 use super::meter::{Meter, Usage};
 use crate::body::{Body, BodyError, End, Observer};
 use crate::limits::{Hold, Settling};
+use crate::metrics::TierMetrics;
 
 /// The metrics a settlement writes.
 #[derive(Clone)]
 pub struct Counters {
-    pub tokens: IntCounterVec,
+    /// The tier's `tollgate_tokens_total` series.
+    pub tier: Arc<TierMetrics>,
     pub unreported: IntCounterVec,
-    pub tier: Arc<str>,
 }
 
 /// Settles `hold` for a body that ended so (`bytes` sent to the client); returns what a shared
@@ -61,8 +62,8 @@ fn settle(hold: Hold, usage: Option<Usage>, bytes: u64, end: &End, c: &Counters)
 }
 
 fn count(c: &Counters, u: Usage) {
-    c.tokens.with_label_values(&[&c.tier, "prompt"]).inc_by(u.prompt);
-    c.tokens.with_label_values(&[&c.tier, "completion"]).inc_by(u.completion);
+    c.tier.prompt_tokens.inc_by(u.prompt);
+    c.tier.completion_tokens.inc_by(u.completion);
 }
 
 /// The observer shape: looks at every frame, settles at the end (a hold of this replica's).
