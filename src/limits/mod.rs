@@ -51,7 +51,7 @@ pub(crate) type Map<V> = DashMap<Arc<str>, V, foldhash::fast::RandomState>;
 /// every operation to the DashMap, and `peek` reads a cell's theoretical arrival time through
 /// the same trait with a closure that declines to replace it — nothing is consumed.
 #[derive(Default, Clone)]
-pub struct SharedCells(Arc<DashMapStateStore<Arc<str>>>);
+pub struct SharedCells(Arc<DashMapStateStore<Arc<str>, foldhash::fast::RandomState>>);
 
 impl StateStore for SharedCells {
     type Key = Arc<str>;
