@@ -235,6 +235,31 @@
     concurrent_requests: 'Concurrent requests',
   };
 
+  // The three cells of each known limit. A bucket (per second, per minute) is "now" and refills
+  // to full; a daily budget is "today" and resets at midnight.
+  const bucket = (allowed) => (l) => [
+    cell('Allowed', allowed(l)),
+    cell('Remaining', l.remaining === null ? 'unknown' : num(l.remaining) + ' now'),
+    cell('Resets', l.reset_seconds === null ? '—' : (l.reset_seconds > 0 ? 'full ' + duration(l.reset_seconds) : 'full')),
+  ];
+  const daily = (what) => (l) => [
+    cell('Allowed', num(l.limit) + what + ' per day'),
+    cell('Remaining', l.remaining === null ? 'unknown'
+      : num(l.remaining) + ' today' + (typeof l.used === 'number' ? ' (' + num(l.used) + ' used)' : '')),
+    cell('Resets', '00:00 UTC, ' + duration(l.reset_seconds)),
+  ];
+  const ROWS = {
+    requests_per_second: bucket((l) => num(l.limit) + ' per second, burst ' + num(l.burst)),
+    daily_requests: daily(''),
+    tokens_per_minute: bucket((l) => num(l.limit) + ' tokens per minute'),
+    daily_tokens: daily(' tokens'),
+    concurrent_requests: (l) => [
+      cell('Allowed', num(l.limit) + ' at once'),
+      cell('Remaining', l.remaining === null ? 'unknown' : num(l.remaining) + ' free (' + num(l.in_flight) + ' in flight)'),
+      cell('Resets', 'when a request ends'),
+    ],
+  };
+
   function renderLimits() {
     const per = me.applies_to ? ', shared by the ' + me.applies_to : '';
     let summary = 'Tier ' + me.tier + per + ' (' + me.backend + ' limits).';
@@ -253,38 +278,8 @@
       tr.append(cell('Limit', LIMIT_NAMES[name] || name));
       if (l === null) {
         tr.append(cell('Allowed', 'unlimited'), cell('Remaining', '—'), cell('Resets', '—'));
-      } else if (name === 'requests_per_second') {
-        tr.append(
-          cell('Allowed', num(l.limit) + ' per second, burst ' + num(l.burst)),
-          cell('Remaining', l.remaining === null ? 'unknown' : num(l.remaining) + ' now'),
-          cell('Resets', l.reset_seconds === null ? '—' : (l.reset_seconds > 0 ? 'full ' + duration(l.reset_seconds) : 'full')),
-        );
-      } else if (name === 'daily_requests') {
-        const used = typeof l.used === 'number' ? ' (' + num(l.used) + ' used)' : '';
-        tr.append(
-          cell('Allowed', num(l.limit) + ' per day'),
-          cell('Remaining', l.remaining === null ? 'unknown' : num(l.remaining) + ' today' + used),
-          cell('Resets', '00:00 UTC, ' + duration(l.reset_seconds)),
-        );
-      } else if (name === 'tokens_per_minute') {
-        tr.append(
-          cell('Allowed', num(l.limit) + ' tokens per minute'),
-          cell('Remaining', l.remaining === null ? 'unknown' : num(l.remaining) + ' now'),
-          cell('Resets', l.reset_seconds === null ? '—' : (l.reset_seconds > 0 ? 'full ' + duration(l.reset_seconds) : 'full')),
-        );
-      } else if (name === 'daily_tokens') {
-        const used = typeof l.used === 'number' ? ' (' + num(l.used) + ' used)' : '';
-        tr.append(
-          cell('Allowed', num(l.limit) + ' tokens per day'),
-          cell('Remaining', l.remaining === null ? 'unknown' : num(l.remaining) + ' today' + used),
-          cell('Resets', '00:00 UTC, ' + duration(l.reset_seconds)),
-        );
-      } else if (name === 'concurrent_requests') {
-        tr.append(
-          cell('Allowed', num(l.limit) + ' at once'),
-          cell('Remaining', l.remaining === null ? 'unknown' : num(l.remaining) + ' free (' + num(l.in_flight) + ' in flight)'),
-          cell('Resets', 'when a request ends'),
-        );
+      } else if (Object.hasOwn(ROWS, name)) {
+        tr.append(...ROWS[name](l));
       } else {
         // A limit this page does not know yet: the fields every limit has.
         tr.append(

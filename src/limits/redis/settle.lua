@@ -13,6 +13,10 @@
 -- ARGV[7]  "now" in microseconds since the epoch, or "" for the server's clock (tests only)
 --
 -- Returns {whole tokens in the bucket after (negative: debt), tokens used today}
+--
+-- The clock, day and refill lines repeat decide.lua's on purpose: a script run by EVALSHA
+-- cannot call another's code (Redis 7 functions could, but would need FUNCTION LOAD on every
+-- server and Redis 7 at least); keep the two in step.
 
 local tpm = tonumber(ARGV[1])
 local dtok = tonumber(ARGV[2])
