@@ -122,7 +122,9 @@ impl Proxy {
                     path: route.label.to_string(),
                 });
             }
-            let (rsp, quota) = crate::limits::report::handle(&self.state, snap, &principal).await?;
+            // Boxed, as the keys API below: a rare route's future would otherwise size the
+            // future of every request, which hyper moves by value.
+            let (rsp, quota) = Box::pin(crate::limits::report::handle(&self.state, snap, &principal)).await?;
             ctx.quota = quota;
             return Ok(rsp);
         }
@@ -132,7 +134,7 @@ impl Proxy {
         let holds = limits.is_some();
         if route.handler == Handler::Keys {
             self.admit(snap, ctx, None, holds).await?;
-            return keys_api::handle(&self.state, snap, &principal, req).await;
+            return Box::pin(keys_api::handle(&self.state, snap, &principal, req)).await;
         }
         // An LLM request of a tier that counts tokens: its body is read for the estimate (and
         // a stream asked for usage) before the decision that reserves it.
