@@ -6,6 +6,8 @@
 #   bash benches/load/profile.sh [h1|h2c] [N]
 #   TIER='{ requests_per_second: 1000000000, burst: 1000000000, tokens_per_minute: 1000000000000 }' \
 #     bash benches/load/profile.sh h1      # the same with another tier (token limits, say)
+#   EXTRA='rate_limits: { backend: redis, redis: { url_env: TG_REDIS_URL } }' TG_REDIS_URL=redis://127.0.0.1:PORT \
+#     bash benches/load/profile.sh h1      # more config (here: limits in a redis-server of your own)
 #
 # Builds tollgate and the load upstream, then for the benchmarked route with a key and the same
 # route public (no key check, no limits): N requests (4,000 by default) after 2,000 of warm-up,
@@ -35,6 +37,7 @@ store: { sqlite: "$dir/keys.db" }
 log: { format: json, level: warn }
 tiers: { bench: ${TIER:-{ requests_per_second: 1000000000, burst: 1000000000 \}} }
 $4
+${EXTRA:-}
 YAML
 }
 echo '{"model":"m","messages":[{"role":"user","content":"hi"}]}' > "$dir/body.json"

@@ -22,7 +22,9 @@
 -- ARGV[9]  this request's lease (unique in the fleet)
 -- ARGV[10] lease lifetime in ms (renewed by the replica while the request runs)
 --
--- Returns {admitted (1/0), refused by (0 none, 1 requests_per_second, 2 daily_requests,
+-- Returns, as one string of ten integers separated by spaces (one bulk reply: the client
+-- parses it in a fraction of what an array of ten integers costs it),
+--         {admitted (1/0), refused by (0 none, 1 requests_per_second, 2 daily_requests,
 --          3 tokens_per_minute, 4 daily_tokens, 5 concurrent_requests),
 --          wait in microseconds, burst remaining, daily remaining (-1 = none),
 --          microseconds until 00:00 UTC,
@@ -59,9 +61,13 @@ end
 local UNIT = 60000
 local bal, used_tokens, to_full, in_flight = 0, 0, 0, 0
 
+local function reply(...)
+  return string.format('%d %d %d %d %d %d %d %d %d %d', ...)
+end
+
 local function refused(by, wait, burst_left, daily_left)
-  return {0, by, wait, burst_left, daily_left, until_midnight, math.floor(bal / UNIT), to_full, used_tokens,
-    in_flight}
+  return reply(0, by, wait, burst_left, daily_left, until_midnight, math.floor(bal / UNIT), to_full, used_tokens,
+    in_flight)
 end
 
 -- 1. A concurrency slot: leases that were not renewed in time are gone (their replica died).
@@ -167,4 +173,4 @@ if counts_tokens then
   redis.call('HSET', KEYS[3], 'bal', bal, 'at', now_ms, 'day', tok_day, 'used', used_tokens)
   redis.call('PEXPIRE', KEYS[3], keep)
 end
-return {1, 0, 0, remaining, left, until_midnight, math.floor(bal / UNIT), to_full, used_tokens, in_flight}
+return reply(1, 0, 0, remaining, left, until_midnight, math.floor(bal / UNIT), to_full, used_tokens, in_flight)

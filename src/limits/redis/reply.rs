@@ -25,6 +25,19 @@ pub(super) struct Reply {
 }
 
 impl Reply {
+    /// The script's reply: ten integers separated by spaces.
+    pub(super) fn parse(s: &[u8]) -> Option<Reply> {
+        let mut v = [0i64; 10];
+        let mut fields = s.split(|b| *b == b' ');
+        for slot in &mut v {
+            *slot = std::str::from_utf8(fields.next()?).ok()?.parse().ok()?;
+        }
+        if fields.next().is_some() {
+            return None;
+        }
+        Reply::from(&v)
+    }
+
     pub(super) fn from(v: &[i64]) -> Option<Reply> {
         match *v {
             [a, by, wait, burst, daily, midnight, tokens, full, today, _in_flight] => Some(Reply {
@@ -151,5 +164,10 @@ mod tests {
         assert_eq!(r.limit, Some(Limit::ConcurrentRequests));
         assert!(r.quota.tokens.is_none());
         assert!(Reply::from(&[1, 0]).is_none());
+        let parsed = Reply::parse(b"0 3 2500000 -1 -1 3600000000 -40 62400 0 0").unwrap();
+        assert_eq!((parsed.admitted, parsed.limit(), parsed.tokens), (false, Some(Limit::TokensPerMinute), -40));
+        for bad in [&b"1 0 0"[..], b"1 0 0 1 1 1 1 1 1 1 1", b"1 0 0 1 1 1 1 1 1 x", b"", b"1  0 0 1 1 1 1 1 1 1"] {
+            assert!(Reply::parse(bad).is_none(), "{:?}", std::str::from_utf8(bad));
+        }
     }
 }
