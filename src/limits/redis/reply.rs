@@ -165,8 +165,13 @@ mod tests {
         assert!(r.quota.tokens.is_none());
         assert!(Reply::from(&[1, 0]).is_none());
         let parsed = Reply::parse(b"0 3 2500000 -1 -1 3600000000 -40 62400 0 0").unwrap();
-        assert_eq!((parsed.admitted, parsed.limit(), parsed.tokens), (false, Some(Limit::TokensPerMinute), -40));
-        for bad in [&b"1 0 0"[..], b"1 0 0 1 1 1 1 1 1 1 1", b"1 0 0 1 1 1 1 1 1 x", b"", b"1  0 0 1 1 1 1 1 1 1"] {
+        assert_eq!(
+            (parsed.admitted, parsed.limit(), parsed.tokens),
+            (false, Some(Limit::TokensPerMinute), -40)
+        );
+        for bad in
+            [&b"1 0 0"[..], b"1 0 0 1 1 1 1 1 1 1 1", b"1 0 0 1 1 1 1 1 1 x", b"", b"1  0 0 1 1 1 1 1 1 1"]
+        {
             assert!(Reply::parse(bad).is_none(), "{:?}", std::str::from_utf8(bad));
         }
     }
