@@ -5,9 +5,10 @@
 //!
 //! The settlement is a Redis call of its own, made in a task when the response ends; the
 //! response's last bytes wait for it (at most the decision timeout), so that the client's next
-//! request, on any replica, is decided after it. A lease is renewed while its request runs (`Fleet::renew`,
-//! every third of `concurrency_lease`), so a stream may last as long as it likes; a replica
-//! that dies stops renewing, and its slots come back when their leases run out. A settlement
+//! request, on any replica, is decided after it. A lease is renewed while its request runs
+//! (`Fleet::renew`, every third of `concurrency_lease`), so a stream may last as long as it
+//! likes; a replica that dies stops renewing, and its slots come back when their leases run
+//! out. A settlement
 //! that fails (Redis down at that moment) leaves the reservation charged — the estimate stands,
 //! never less — and the lease to run out.
 
