@@ -119,10 +119,13 @@ pub async fn serve(
     let reload_task = tokio::spawn(reloader.run());
     let auth_task = tokio::spawn(tasks::maintain_keys(auth.clone(), state.clone()));
     let limits_task = tokio::spawn(tasks::forget_idle_limits(state.clone()));
-    let fleet_tasks = state
-        .fleet
-        .clone()
-        .map(|f| [tokio::spawn(tasks::announce_replica(f.clone())), tokio::spawn(tasks::renew_leases(f))]);
+    let fleet_tasks = state.fleet.clone().map(|f| {
+        [
+            tokio::spawn(tasks::announce_replica(f.clone())),
+            tokio::spawn(tasks::renew_leases(f.clone())),
+            tokio::spawn(tasks::refund_debits(f)),
+        ]
+    });
     net::listener::serve(state, listeners, acceptor, shutdown).await;
     reload_task.abort();
     auth_task.abort();

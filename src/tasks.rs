@@ -133,6 +133,16 @@ pub async fn renew_leases(fleet: Arc<crate::limits::redis::Fleet>) {
     }
 }
 
+/// Background work of the Redis backend with debited leases: gives back what leases that ran
+/// out did not use (none: returns at once).
+pub async fn refund_debits(fleet: Arc<crate::limits::redis::Fleet>) {
+    let Some(every) = fleet.refund_every() else { return };
+    loop {
+        tokio::time::sleep(every).await;
+        fleet.refund_debits().await;
+    }
+}
+
 /// Background work of the Redis backend: announces this replica every second, and learns
 /// how many are live (the divisor of `on_error: local`).
 pub async fn announce_replica(fleet: Arc<crate::limits::redis::Fleet>) {

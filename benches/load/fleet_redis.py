@@ -4,12 +4,13 @@
     python3 benches/load/fleet_redis.py            # full run (≈ 4.5 min after the build), writes benches/results/<date>-<host>-redis.md
     python3 benches/load/fleet_redis.py --smoke    # ≈ 40 s smoke run (CI): every step once, short
 
-Two tollgates identical but for `rate_limits.backend` (`redis`: `timeout: 20ms`,
-`on_error: local`), on a tier that never limits in practice (10⁹ req/s, burst 10⁹), so every
-request is one Redis decision (one round trip, the decision script):
+Three tollgates identical but for `rate_limits.backend` (`redis`: `timeout: 20ms`,
+`on_error: local`; `debit`: the same with debited leases, `debit_requests: 32, debit_within: 5ms`),
+on a tier that never limits in practice (10⁹ req/s, burst 10⁹), so every request is one Redis
+decision (one round trip, the decision script) without debits, and about one in 32 with them:
 
 - F4a throughput: `wrk -t1 -c64` (HTTP/1.1) of run.py's S1 request, interleaved rounds (local,
-  redis, …): req/s medians, redis / local, tollgate's CPU-ms per 1,000 requests and redis-server's
+  redis, debit, …): req/s medians, redis / local, tollgate's CPU-ms per 1,000 requests and redis-server's
   (separately); the decisions each request took (`tollgate_ratelimit_decisions_total` by source).
 - F4b added latency: with oha installed, `oha -q RATE --latency-correction` (open loop, as run.py's
   S2) at `--rate` (default: half the local tollgate's F4a median); without it, `wrk -t1 -c1
@@ -51,7 +52,9 @@ URL_ENV = "TOLLGATE_BENCH_REDIS_URL"
 REDIS = f"rate_limits: {{ backend: redis, redis: {{ url_env: {URL_ENV}, timeout: 20ms, on_error: local }} }}\n"
 LOCAL = "rate_limits: { backend: local }\n"
 DECISIONS = "tollgate_ratelimit_decisions_total"
-SOURCES = ("redis", "local_cache", "fallback_local", "fallback_open", "fallback_closed")
+DEBIT = REDIS.replace("on_error: local", "on_error: local, debit_requests: 32, debit_within: 5ms")
+SOURCES = ("redis", "local_cache", "debit", "fallback_local", "fallback_open", "fallback_closed")
+FALLBACKS = SOURCES[3:]
 DURATION = "tollgate_ratelimit_backend_duration_seconds"
 
 
@@ -137,7 +140,7 @@ class FleetRedis(run.Bench):
         run.wait_port(self.up)
         self.start_redis()
         self.loads["start"] = fleet.loadavg()
-        self.pair = [self.tollgate("local", LOCAL), self.tollgate("redis", REDIS)]
+        self.pair = [self.tollgate("local", LOCAL), self.tollgate("redis", REDIS), self.tollgate("debit", DEBIT)]
         time.sleep(0.5)
         for t in self.pair:  # warm-up (connections, allocator), not counted
             run.sh("taskset", "-c", "0", "wrk", "-t1", "-c64", "-d1s", "-s", self.post_script(t), t.url())
@@ -198,7 +201,7 @@ class FleetRedis(run.Bench):
                 print(f"F4a {t.name:6} {r['rps']:9.0f} req/s  tollgate cpu {r['cpu_ms_per_1000']:5.1f} ms/1k  "
                       f"redis-server cpu {r['redis_cpu_ms_per_1000']:5.1f} ms/1k  "
                       f"decisions {r['decisions']['redis']:.0f} redis / {r['requests']} requests, "
-                      f"{sum(r['decisions'][s] for s in SOURCES[2:]):.0f} fallbacks; tollgate {r['busy']:.0%} of a core, "
+                      f"{sum(r['decisions'][s] for s in FALLBACKS):.0f} fallbacks; tollgate {r['busy']:.0%} of a core, "
                       f"CPU 1 idle {r['cpu1_idle']:.0%}", flush=True)
         self.mark("f4a")
 
@@ -297,7 +300,7 @@ class FleetRedis(run.Bench):
         for n, rs in f4a.items():
             requests = sum(r["requests"] for r in rs)
             redis = sum(r["decisions"]["redis"] for r in rs)
-            fallbacks = sum(r["decisions"][s] for r in rs for s in SOURCES[2:])
+            fallbacks = sum(r["decisions"][s] for r in rs for s in FALLBACKS)
             trips = [r["round_trips"] for r in rs if r["round_trips"]["n"]]
             mean = us(sum(t["mean"] * t["n"] for t in trips) / sum(t["n"] for t in trips)) if trips else "–"
             lines.append(f"| {n} | {med[n]:.0f} | {per_round_rps(rs)} | "
@@ -306,6 +309,10 @@ class FleetRedis(run.Bench):
                          f"{redis:.0f} / {requests} | {fallbacks:.0f} | {mean} |")
         rounds = [q["rps"] / p["rps"] for p, q in zip(f4a["local"], f4a["redis"])]
         ratio = statistics.median(rounds)
+        debit_rounds = [q["rps"] / p["rps"] for p, q in zip(f4a["local"], f4a["debit"])]
+        debit_ratio = statistics.median(debit_rounds)
+        debit_requests = sum(r["requests"] for r in f4a["debit"])
+        debit_trips = sum(r["decisions"]["redis"] for r in f4a["debit"])
         per_round = ", ".join(f"{x:.2f}" for x in rounds)
         lines += ["", f"redis / local, req/s, median of the rounds' ratios (each round's pair run back to back): "
                   f"**{ratio:.2f}** (goal ≥ 0.85: {'met' if ratio >= 0.85 else 'not met'}); per round: {per_round}; "
@@ -313,7 +320,13 @@ class FleetRedis(run.Bench):
                   f"so where tollgate's core is the bottleneck (it was not, if it had time to spare: the share of a core "
                   f"and CPU 1's idle time above) the ratio would be about **{cpu['local'] / cpu['redis']:.2f}**; "
                   "redis-server's CPU is its own (with the local backend it idles). wrk counts requests completed "
-                  "in the run; the decisions counter a few more (the connections' requests in flight at the end).", ""]
+                  "in the run; the decisions counter a few more (the connections' requests in flight at the end).", "",
+                  f"With debited leases (`debit_requests: 32, debit_within: 5ms`, off by default): debit / local "
+                  f"**{debit_ratio:.2f}** (goal ≥ 0.85: {'met' if debit_ratio >= 0.85 else 'not met'}); per round: "
+                  + ", ".join(f"{x:.2f}" for x in debit_rounds)
+                  + f"; {debit_trips:.0f} Redis round trips for {debit_requests} requests "
+                  f"({debit_trips / max(debit_requests, 1):.1%}), tollgate's CPU-ms per 1k requests debit / local "
+                  f"{cpu['debit'] / cpu['local']:.2f}.", ""]
         f4b = self.results["f4b"]
         if self.oha:
             how = (f"`oha -q {self.results['f4b_rate']} --latency-correction -c 32` (open loop, half the local "
@@ -334,13 +347,16 @@ class FleetRedis(run.Bench):
                          f"{', '.join(us(r['p50']) + ' / ' + us(r['p99']) for r in rs)} | "
                          f"{', '.join(str(r['requests']) for r in rs) if not self.oha else '–'} | {rt} |")
         added50, added99 = p50["redis"] - p50["local"], p99["redis"] - p99["local"]
+        debit50, debit99 = p50["debit"] - p50["local"], p99["debit"] - p99["local"]
         paired = {q: [r[q] - l[q] for l, r in zip(f4b["local"], f4b["redis"])] for q in ("p50", "p99")}
         lines += ["", f"Added by Redis (redis − local, of the medians): p50 **{added50 * 1e6:+.0f} µs** (goal ≤ 100 µs: "
                   f"{'met' if added50 <= 100e-6 else 'not met'}), p99 **{added99 * 1e6:+.0f} µs** (goal ≤ 1 ms: "
                   f"{'met' if added99 <= 1e-3 else 'not met'}); per round, p50 "
                   + ", ".join(f"{x * 1e6:+.0f}" for x in paired["p50"]) + " µs, p99 "
                   + ", ".join(f"{x * 1e6:+.0f}" for x in paired["p99"]) + " µs. The buckets are the histogram's "
-                  "(100 µs, 250 µs, 500 µs, 1 ms, …): a bound, not a value.", ""]
+                  "(100 µs, 250 µs, 500 µs, 1 ms, …): a bound, not a value. With debited leases (debit − local): "
+                  f"p50 **{debit50 * 1e6:+.0f} µs**, p99 **{debit99 * 1e6:+.0f} µs** (at one request at a time a "
+                  "lease rarely outlives the next request: most still take a round trip).", ""]
         lines += [f"## F4c Redis round trips with refusals (a tollgate per tier, burst {a.limit_burst}; "
                   f"`wrk -t1 -c64`, {a.duration} s each)", "",
                   "| tier req/s | offered req/s | requests | refused (429) | admitted per second | decisions: redis | "
@@ -352,7 +368,7 @@ class FleetRedis(run.Bench):
             admitted = r["requests"] - r["refused"]
             lines.append(f"| {r['tier_rps']} | {r['rps']:.0f} | {r['requests']} | {r['refused']} "
                          f"({r['refused'] / max(r['requests'], 1):.0%}) | {admitted / a.duration:.0f} | {dec['redis']:.0f} | "
-                         f"{dec['local_cache']:.0f} | {sum(dec[s] for s in SOURCES[2:]):.0f} | "
+                         f"{dec['local_cache']:.0f} | {sum(dec[s] for s in FALLBACKS):.0f} | "
                          f"**{dec['redis'] / max(total, 1):.1%}** | {r['cpu_ms_per_1000']:.1f} | "
                          f"{r['redis_cpu_ms_per_1000']:.1f} |")
         lines += ["", "Every admitted request takes one round trip. A refused one takes none while its "

@@ -222,6 +222,10 @@ pub struct Redis {
     /// How long a concurrency slot in Redis outlives its replica: each running request's lease
     /// is renewed every third of it, so a replica that dies gives its slots back after this.
     pub concurrency_lease: Duration,
+    /// The debited lease (0: off): a replica takes up to this many requests of an entity's
+    /// request limits in one decision and admits them itself within `debit_within`.
+    pub debit_requests: u32,
+    pub debit_within: Duration,
 }
 
 /// What a decision does when Redis fails or is slower than its timeout.

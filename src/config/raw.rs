@@ -145,6 +145,8 @@ pub(super) struct RawRedis {
     pub(super) on_error: Option<String>,
     pub(super) ca_file: Option<String>,
     pub(super) concurrency_lease: Option<serde_yaml_ng::Value>,
+    pub(super) debit_requests: Option<serde_yaml_ng::Value>,
+    pub(super) debit_within: Option<serde_yaml_ng::Value>,
 }
 
 #[derive(Debug, Default, Deserialize)]

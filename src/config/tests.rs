@@ -209,6 +209,8 @@ fn rate_limits_redis_takes_the_url_from_the_environment_and_names_each_mistake()
             on_error: OnError::Closed,
             ca_file: None,
             concurrency_lease: Duration::from_secs(30),
+            debit_requests: 0,
+            debit_within: Duration::from_millis(5),
         })
     );
     assert_eq!(c.rate_limits.tier_on_error.get("a"), Some(&OnError::Open));

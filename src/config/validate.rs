@@ -425,7 +425,27 @@ impl Validator {
             // Renewed every third of it: shorter would be renewals in a busy loop.
             self.problem("rate_limits.redis.concurrency_lease", "must be at least 300ms");
         }
-        Redis { url_env, key_prefix, timeout, on_error, ca_file, concurrency_lease }
+        let debit_requests = match raw.debit_requests {
+            Some(serde_yaml_ng::Value::Number(n)) if n.as_u64() == Some(0) => 0,
+            v => self
+                .count("rate_limits.redis.debit_requests", v, 10_000)
+                .map_or(0, |n| u32::try_from(n).unwrap_or(0)),
+        };
+        let debit_within = self.positive_ms("rate_limits.redis.debit_within", raw.debit_within, 5);
+        if debit_within > Duration::from_millis(1000) {
+            // What a debit may admit beyond the limits grows with it (README, fleet limits).
+            self.problem("rate_limits.redis.debit_within", "must be at most 1s");
+        }
+        Redis {
+            url_env,
+            key_prefix,
+            timeout,
+            on_error,
+            ca_file,
+            concurrency_lease,
+            debit_requests,
+            debit_within,
+        }
     }
 
     fn on_error(&mut self, path: &str, v: Option<&str>) -> Option<OnError> {

@@ -47,7 +47,12 @@ enum Said {
 
 async fn at(fleet: &Fleet, limiter: &Limiter, org: &str, tier: &str, now: i64) -> Said {
     let org: Arc<str> = org.into();
-    match fleet.decide_at(limiter, &org, tier, now, None).await.unwrap() {
+    said(fleet.decide_at(limiter, &org, tier, now, None).await.unwrap())
+}
+
+/// A decision as `Said`, read from its headers as a client reads them.
+fn said(decided: Result<tollgate::limits::Quota, Box<tollgate::limits::Rejection>>) -> Said {
+    match decided {
         Ok(q) => {
             let mut h = http::HeaderMap::new();
             q.write_headers(&mut h);
@@ -123,6 +128,69 @@ async fn the_shared_decision_is_exact_burst_then_rate_refusals_free_daily_reset_
     }
 }
 
+/// A debited lease's decision at a fixed time: (admitted with burst and daily left, or the
+/// limit that refused), and the requests taken.
+async fn debit(
+    fleet: &Fleet,
+    limiter: &Limiter,
+    tier: &str,
+    now: i64,
+    take: u32,
+    replicas: u32,
+) -> (Said, i64) {
+    let org: Arc<str> = "acme".into();
+    let (decided, taken) = fleet.decide_debit_at(limiter, &org, tier, now, take, replicas).await.unwrap();
+    let said = said(decided);
+    (said, taken)
+}
+
+/// A debited lease (`debit_requests`) takes as many requests as the bucket holds, up to what it
+/// asks for, and of a daily budget at most what is left shared by twice the replicas (its last
+/// requests one at a time); what a lease gives back returns to both limits, the same day only.
+#[tokio::test]
+async fn a_debit_takes_what_the_limits_hold_and_a_refund_gives_it_back() {
+    let redis = RedisServer::start();
+    let (_config, limiter, fleet) = setup(
+        &redis.url(),
+        "tiers:\n  t: { requests_per_second: 2, burst: 5, daily_requests: 100 }\n  d: { requests_per_second: 100000, daily_requests: 60 }\n",
+    );
+    use Said::*;
+    let today = NOON.div_euclid(86_400_000_000);
+    assert_eq!(debit(&fleet, &limiter, "t", NOON, 3, 1).await, (Ok(Some(2), Some(97)), 3));
+    assert_eq!(
+        debit(&fleet, &limiter, "t", NOON, 3, 1).await,
+        (Ok(Some(0), Some(95)), 2),
+        "what the bucket held"
+    );
+    assert_eq!(debit(&fleet, &limiter, "t", NOON, 3, 1).await, (No("requests_per_second", 1), 0));
+    // Two of them unused: back in the bucket (two intervals) and in the day's budget.
+    let org: Arc<str> = "acme".into();
+    assert_eq!(fleet.refund_at(&limiter, &org, "t", NOON, 2, today).await.unwrap(), 2);
+    assert_eq!(debit(&fleet, &limiter, "t", NOON, 1, 1).await, (Ok(Some(1), Some(96)), 1));
+    // A refund of another day gives nothing back to today's budget (the bucket, which knows
+    // no days, gets its request back).
+    assert_eq!(fleet.refund_at(&limiter, &org, "t", NOON, 1, today - 1).await.unwrap(), 0);
+    // Half a second later the bucket has refilled one more: three.
+    assert_eq!(debit(&fleet, &limiter, "t", NOON + 500 * MS, 5, 1).await, (Ok(Some(0), Some(93)), 3));
+
+    // The daily share: 60 left, three replicas: at most 10 (60 / 6), then 8 (50 / 6), …; the
+    // last five one at a time, and the budget exactly spent.
+    assert_eq!(debit(&fleet, &limiter, "d", NOON, 50, 3).await, (Ok(Some(99_990), Some(50)), 10));
+    assert_eq!(debit(&fleet, &limiter, "d", NOON, 50, 3).await.1, 8);
+    let mut taken = vec![10, 8];
+    loop {
+        match debit(&fleet, &limiter, "d", NOON, 50, 3).await {
+            (Ok(..), n) => taken.push(n),
+            (No(limit, _), n) => {
+                assert_eq!((limit, n), ("daily_requests", 0));
+                break;
+            }
+        }
+    }
+    assert_eq!(taken.iter().sum::<i64>(), 60, "{taken:?}");
+    assert_eq!(taken[taken.len() - 5..], [1, 1, 1, 1, 1], "{taken:?}");
+}
+
 /// Overrides have state of their own and their own limits; a tier reload that changes a
 /// tier's limits starts it full, while an unchanged tier keeps its state (§4).
 #[tokio::test]
@@ -158,11 +226,16 @@ async fn overrides_and_reloaded_tiers_behave_as_locally() {
 /// Three replicas on one Redis with these tiers. The decision timeout is generous: exactness is
 /// under test there, not latency, so no decision may fall back.
 pub(crate) fn three_replicas(up: &Upstream, redis: &RedisServer, tiers: &str) -> [Tollgate; 3] {
+    three_replicas_with(up, redis, tiers, "")
+}
+
+/// `three_replicas` with more of `rate_limits.redis` (`, field: value`).
+fn three_replicas_with(up: &Upstream, redis: &RedisServer, tiers: &str, redis_extra: &str) -> [Tollgate; 3] {
     let replica = || {
         Tollgate::builder(&up.url())
             .section(
                 "rate_limits",
-                "{ backend: redis, redis: { url_env: TG_TEST_REDIS_URL, timeout: 500ms } }",
+                &format!("{{ backend: redis, redis: {{ url_env: TG_TEST_REDIS_URL, timeout: 500ms{redis_extra} }} }}"),
             )
             .section("tiers", tiers)
             .env("TG_TEST_REDIS_URL", &redis.url())
@@ -526,4 +599,108 @@ async fn three_replicas_at_three_times_the_limit_admit_what_one_exact_gcra_would
     };
     let (d0, d1, d2) = tokio::join!(burst(0), burst(1), burst(2));
     assert_eq!(d0 + d1 + d2, 500, "{d0} + {d1} + {d2}");
+}
+
+/// Debited leases (`debit_requests: 16`, `debit_within: 5ms`) on three replicas: a busy entity
+/// asks Redis for a fraction of its requests; three clients flat out at a 200/s tier admit what
+/// one exact GCRA admits for the same arrivals within 2 %, never more than
+/// `burst + rate × (window + debit_within)`; a daily budget of 500 is never exceeded, and what
+/// leases did not use comes back to it (exactly 500 in the end).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn debited_leases_ask_redis_less_and_keep_the_fleet_within_its_limits() {
+    let up = Upstream::start().await;
+    let redis = RedisServer::start();
+    let replicas = three_replicas_with(
+        &up,
+        &redis,
+        "{ enterprise: { requests_per_second: 1000 }, big: { requests_per_second: 100000 }, acc: { requests_per_second: 200, burst: 100 }, day: { requests_per_second: 100000, daily_requests: 500 } }",
+        ", debit_requests: 16, debit_within: 5ms",
+    );
+    let keys = |tier: &str| -> Vec<String> {
+        replicas
+            .iter()
+            .map(|tg| tg.create_key(&["--org", tier, "--tier", tier, "--scope", "inference:read"]))
+            .collect()
+    };
+    let (big, acc, day) = (keys("big"), keys("acc"), keys("day"));
+    let client = h1();
+    for (tg, k) in replicas.iter().zip(acc.iter().chain(&big).chain(&day)) {
+        send(&client, call(tg, "GET", "/v1/models", k, None)).await;
+    }
+    let decisions = |source: &'static str| {
+        let replicas = &replicas;
+        async move {
+            let mut n = 0.0;
+            for tg in replicas {
+                n += tg
+                    .metric(&format!("tollgate_ratelimit_decisions_total{{source=\"{source}\"}}"))
+                    .await
+                    .unwrap_or(0.0);
+            }
+            n
+        }
+    };
+
+    // A busy entity that is never limited: most requests come from leases.
+    let (redis_before, debit_before) = (decisions("redis").await, decisions("debit").await);
+    let flat_out = |i: usize, keys: &[String], n: usize| {
+        let (tg, key, client) = (&replicas[i], keys[i].clone(), h1());
+        async move {
+            let mut admitted = 0;
+            for _ in 0..n {
+                admitted += usize::from(
+                    send(&client, call(tg, "GET", "/v1/models", &key, None)).await.status() == 200,
+                );
+            }
+            admitted
+        }
+    };
+    let (a, b, c) = tokio::join!(flat_out(0, &big, 300), flat_out(1, &big, 300), flat_out(2, &big, 300));
+    assert_eq!(a + b + c, 900);
+    let asked = decisions("redis").await - redis_before;
+    let leased = decisions("debit").await - debit_before;
+    eprintln!("debited leases: 900 requests, {asked} Redis decisions, {leased} from leases");
+    assert!(asked + leased >= 900.0 && asked <= 900.0 / 4.0, "{asked} Redis decisions, {leased} from leases");
+
+    // Accuracy under three times and more the limit, for 5 s.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let start = Instant::now();
+    let run = |i: usize| {
+        let (tg, key, client) = (&replicas[i], acc[i].clone(), h1());
+        async move {
+            let mut arrivals = Vec::new();
+            let mut admitted = 0usize;
+            while start.elapsed() < Duration::from_secs(5) {
+                let sent = start.elapsed();
+                let status = send(&client, call(tg, "GET", "/v1/models", &key, None)).await.status();
+                if status == 200 {
+                    admitted += 1;
+                } else {
+                    assert_eq!(status, 429);
+                }
+                arrivals.push(sent);
+            }
+            (arrivals, admitted)
+        }
+    };
+    let ((a0, n0), (a1, n1), (a2, n2)) = tokio::join!(run(0), run(1), run(2));
+    let mut arrivals: Vec<Duration> = [a0, a1, a2].concat();
+    let window = arrivals.iter().max().copied().unwrap_or_default();
+    let (offered, admitted) = (arrivals.len(), n0 + n1 + n2);
+    let exact = exact_gcra(&mut arrivals, 200, 100);
+    let bound = 100.0 + 200.0 * (window.as_secs_f64() + 0.005);
+    let error = (admitted as f64 - exact as f64) / exact as f64;
+    eprintln!("debited fleet accuracy: {offered} offered in {window:?}, {admitted} admitted, exact GCRA {exact} ({:+.2} %), bound {bound:.0}", error * 100.0);
+    assert!(
+        error.abs() <= 0.02 && admitted as f64 <= bound + 1.0,
+        "admitted {admitted}, exact {exact}, bound {bound:.0}"
+    );
+
+    // The daily budget: never more than 500; what leases did not use comes back.
+    let (a, b, c) = tokio::join!(flat_out(0, &day, 250), flat_out(1, &day, 250), flat_out(2, &day, 250));
+    let first = a + b + c;
+    assert!(first <= 500, "{a} + {b} + {c}");
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let (a, b, c) = tokio::join!(flat_out(0, &day, 50), flat_out(1, &day, 50), flat_out(2, &day, 50));
+    assert_eq!(first + a + b + c, 500, "{first}, then {a} + {b} + {c}");
 }

@@ -15,21 +15,26 @@
 -- ARGV[2]  burst
 -- ARGV[3]  daily budget, 0 = none
 -- ARGV[4]  "now" in microseconds since the epoch, or "" for the server's clock (tests only)
--- ARGV[5]  tokens per minute, 0 = none              (ARGV[5..10] only with KEYS[3..4])
--- ARGV[6]  daily tokens, 0 = none
--- ARGV[7]  tokens to reserve (already clamped to the limits), -1 = none
--- ARGV[8]  concurrent requests allowed, 0 = none
--- ARGV[9]  this request's lease (unique in the fleet)
--- ARGV[10] lease lifetime in ms (renewed by the replica while the request runs)
+-- ARGV[5]  requests to take: 1, or more for a debited lease (the replica admits the others
+--          itself within a few ms): as many as the bucket holds are taken, up to this, and
+--          of the daily budget at most what is left shared by twice the replicas (so that
+--          its last requests go one at a time)
+-- ARGV[6]  live replicas (the daily share above)
+-- ARGV[7]  tokens per minute, 0 = none              (ARGV[7..12] only with KEYS[3..4])
+-- ARGV[8]  daily tokens, 0 = none
+-- ARGV[9]  tokens to reserve (already clamped to the limits), -1 = none
+-- ARGV[10] concurrent requests allowed, 0 = none
+-- ARGV[11] this request's lease (unique in the fleet)
+-- ARGV[12] lease lifetime in ms (renewed by the replica while the request runs)
 --
--- Returns, as one string of ten integers separated by spaces (one bulk reply: the client
--- parses it in a fraction of what an array of ten integers costs it),
+-- Returns, as one string of eleven integers separated by spaces (one bulk reply: the client
+-- parses it in a fraction of what an array of eleven integers costs it),
 --         {admitted (1/0), refused by (0 none, 1 requests_per_second, 2 daily_requests,
 --          3 tokens_per_minute, 4 daily_tokens, 5 concurrent_requests),
 --          wait in microseconds, burst remaining, daily remaining (-1 = none),
 --          microseconds until 00:00 UTC,
 --          whole tokens in the bucket (negative: debt), ms until the bucket is full, tokens
---          used today, requests in flight}
+--          used today, requests in flight, requests taken (0 when refused)}
 -- (the last four 0 when not read: the request reserves no tokens, the tier has no such limit,
 -- or a refusal came first; the caller knows which).
 
@@ -49,25 +54,27 @@ local until_midnight = (day + 1) * day_us - now
 local now_ms = math.floor(now / 1000)
 local until_midnight_ms = math.ceil(until_midnight / 1000)
 
+local take = math.max(1, tonumber(ARGV[5]))
+local replicas = math.max(1, tonumber(ARGV[6]))
 local tpm, dtok, amount, max_conc, lease, lease_ms = 0, 0, -1, 0, '', 0
 if KEYS[3] then
-  tpm = tonumber(ARGV[5])
-  dtok = tonumber(ARGV[6])
-  amount = tonumber(ARGV[7])
-  max_conc = tonumber(ARGV[8])
-  lease = ARGV[9]
-  lease_ms = tonumber(ARGV[10])
+  tpm = tonumber(ARGV[7])
+  dtok = tonumber(ARGV[8])
+  amount = tonumber(ARGV[9])
+  max_conc = tonumber(ARGV[10])
+  lease = ARGV[11]
+  lease_ms = tonumber(ARGV[12])
 end
 local UNIT = 60000
 local bal, used_tokens, to_full, in_flight = 0, 0, 0, 0
 
 local function reply(...)
-  return string.format('%d %d %d %d %d %d %d %d %d %d', ...)
+  return string.format('%d %d %d %d %d %d %d %d %d %d %d', ...)
 end
 
 local function refused(by, wait, burst_left, daily_left)
   return reply(0, by, wait, burst_left, daily_left, until_midnight, math.floor(bal / UNIT), to_full, used_tokens,
-    in_flight)
+    in_flight, 0)
 end
 
 -- 1. A concurrency slot: leases that were not renewed in time are gone (their replica died).
@@ -119,9 +126,11 @@ if budget > 0 then
   if used >= budget then
     return refused(2, until_midnight, -1, 0)
   end
+  take = math.min(take, math.max(1, math.floor((budget - used) / (2 * replicas))))
 end
 
--- 4. The GCRA: admitted while the new arrival time is at most `burst` intervals ahead of now.
+-- 4. The GCRA: admitted while the new arrival time is at most `burst` intervals ahead of now;
+-- a debit takes as many more as fit.
 local remaining = -1
 local new_tat = 0
 if interval > 0 then
@@ -138,6 +147,10 @@ if interval > 0 then
     end
     return refused(1, allow_at - now, 0, left)
   end
+  if take > 1 then
+    take = math.max(1, math.min(take, math.floor((now + burst * interval - tat) / interval)))
+    new_tat = tat + take * interval
+  end
   remaining = math.floor((now + burst * interval - new_tat) / interval)
 end
 
@@ -148,9 +161,9 @@ if interval > 0 then
 end
 local left = -1
 if budget > 0 then
-  redis.call('HSET', KEYS[2], 'day', day, 'used', used + 1)
+  redis.call('HSET', KEYS[2], 'day', day, 'used', used + take)
   redis.call('PEXPIRE', KEYS[2], 2 * 86400000)
-  left = budget - used - 1
+  left = budget - used - take
 end
 if max_conc > 0 then
   redis.call('ZADD', KEYS[4], now_ms + lease_ms, lease)
@@ -173,4 +186,5 @@ if counts_tokens then
   redis.call('HSET', KEYS[3], 'bal', bal, 'at', now_ms, 'day', tok_day, 'used', used_tokens)
   redis.call('PEXPIRE', KEYS[3], keep)
 end
-return reply(1, 0, 0, remaining, left, until_midnight, math.floor(bal / UNIT), to_full, used_tokens, in_flight)
+return reply(1, 0, 0, remaining, left, until_midnight, math.floor(bal / UNIT), to_full, used_tokens, in_flight,
+  take)

@@ -47,10 +47,12 @@ use crate::config::{self, Config, OnError, Tier};
 use crate::error::{Error, Limit};
 
 mod breaker;
+mod debit;
 mod lease;
 mod reply;
 
 use breaker::Breaker;
+use debit::{Debits, Refund};
 pub use lease::FleetHold;
 use lease::Settlement;
 use reply::{outcome, Reply};
@@ -60,6 +62,7 @@ const SCRIPT: &str = include_str!("decide.lua");
 const PEEK_SCRIPT: &str = include_str!("peek.lua");
 const SETTLE_SCRIPT: &str = include_str!("settle.lua");
 const RENEW_SCRIPT: &str = include_str!("renew.lua");
+const REFUND_SCRIPT: &str = include_str!("refund.lua");
 
 /// The longest a settlement or a renewal waits for Redis, neither on a request's path (a
 /// settlement at least the decision timeout, which a response's last bytes wait for).
@@ -92,6 +95,7 @@ pub struct Fleet {
     peek_script: redis::Script,
     settle_script: redis::Script,
     renew_script: redis::Script,
+    refund_script: redis::Script,
     prefix: String,
     timeout: Duration,
     on_error: OnError,
@@ -108,6 +112,8 @@ pub struct Fleet {
     leases: DashMap<String, String>,
     next_lease: AtomicU64,
     lease_ms: u64,
+    /// Debited leases of request limits (`debit_requests` > 0).
+    debits: Option<Debits>,
 }
 
 #[derive(Clone)]
@@ -161,6 +167,7 @@ impl Fleet {
             peek_script: redis::Script::new(PEEK_SCRIPT),
             settle_script: redis::Script::new(SETTLE_SCRIPT),
             renew_script: redis::Script::new(RENEW_SCRIPT),
+            refund_script: redis::Script::new(REFUND_SCRIPT),
             prefix: cfg.key_prefix.clone(),
             timeout: cfg.timeout,
             on_error: cfg.on_error,
@@ -173,6 +180,7 @@ impl Fleet {
             leases: DashMap::new(),
             next_lease: AtomicU64::new(0),
             lease_ms: u64::try_from(cfg.concurrency_lease.as_millis()).unwrap_or(30_000),
+            debits: (cfg.debit_requests > 0).then(|| Debits::new(cfg.debit_requests, cfg.debit_within)),
         })
     }
 
@@ -197,6 +205,12 @@ impl Fleet {
         let base = self.entity_base(scope, entity, tier);
         let requests = requests_key(&base, &limits);
         let now = Instant::now();
+        // A debited lease of this replica admits without Redis (requests it already took).
+        let debits = self.debits.as_ref().filter(|_| !ask.holds());
+        if let Some(quota) = debits.and_then(|d| d.spend(&requests, now)) {
+            self.count("debit");
+            return Ok((quota, None));
+        }
         if let Some(known) = self.refused.get(&requests) {
             if known.0 > now {
                 self.count("local_cache");
@@ -214,10 +228,19 @@ impl Fleet {
             return self.fall_back(config, limiter, key_id, org, tier, want);
         }
         let lease = ask.concurrent.map(|_| self.new_lease());
+        let take = match debits.map(|d| d.want(&requests, now)) {
+            Some((take, refund)) => {
+                if let Some(r) = refund {
+                    self.spawn_refund(r);
+                }
+                take
+            }
+            None => 1,
+        };
         let started = Instant::now();
         let asked = tokio::time::timeout(
             self.timeout,
-            self.ask(&base, &requests, &limits, &ask, lease.as_deref(), None),
+            self.ask(&base, &requests, &limits, &ask, (lease.as_deref(), take), None),
         )
         .await;
         self.metrics.duration.observe(started.elapsed().as_secs_f64());
@@ -252,7 +275,14 @@ impl Fleet {
                 let hold = Hold::shared(Box::new(FleetHold::new(self.clone(), job, quota.tokens, gauge)));
                 Ok((quota, Some(hold)))
             }
-            Ok(quota) => Ok((quota, None)),
+            Ok(quota) => {
+                if let Some(d) = debits {
+                    let taken = u32::try_from(reply.taken.max(1)).unwrap_or(1);
+                    let day = crate::clock::now_ms().div_euclid(86_400_000);
+                    d.store(&requests, taken, now, day, interval_us(&limits), quota.clone());
+                }
+                Ok((quota, None))
+            }
             Err(r) => {
                 // Only the request limits' refusals hold for every request until their wait is
                 // over: a token refusal depends on the size of the request, a concurrency one
@@ -262,6 +292,12 @@ impl Fleet {
                 {
                     let refusal =
                         Refusal { limit, message: message(limit, &limits, tier, 0), quota: r.quota.clone() };
+                    // With debits, requests other replicas took but did not use may come back
+                    // to the daily budget: it is asked again each second.
+                    let wait = match (limit, debits) {
+                        (Limit::DailyRequests, Some(_)) => wait.min(Duration::from_secs(1)),
+                        _ => wait,
+                    };
                     self.refused.insert(requests, (now + wait, refusal));
                 }
                 Err(r)
@@ -369,24 +405,27 @@ impl Fleet {
     }
 
     /// One run of the decision script. `now_us`: a fixed time (tests), else Redis's clock.
+    /// `lease_take`: the concurrency lease, and how many requests to take (1, or more for a
+    /// debited lease).
     async fn ask(
         &self,
         base: &str,
         requests: &str,
         limits: &Tier,
         ask: &Ask,
-        lease: Option<&str>,
+        (lease, take): (Option<&str>, u32),
         now_us: Option<i64>,
     ) -> redis::RedisResult<Reply> {
-        let interval = limits.requests_per_second.map_or(0.0, |r| 1e6 / f64::from(r.max(1)));
         let burst = limits.burst.or(limits.requests_per_second).unwrap_or(1);
         let mut conn = self.conn.clone();
         let mut call = self.script.key(join(&[requests, ":gcra"]));
         call.key(join(&[requests, ":day"]))
-            .arg(interval)
+            .arg(interval_us(limits))
             .arg(burst)
             .arg(limits.daily_requests.unwrap_or(0))
-            .arg(now_us.map_or_else(String::new, |t| t.to_string()));
+            .arg(now_us.map_or_else(String::new, |t| t.to_string()))
+            .arg(take)
+            .arg(self.replicas.load(Ordering::Relaxed).max(1));
         if ask.holds() {
             call.key(tokens_key(base, limits))
                 .key(leases_key(base))
@@ -401,6 +440,43 @@ impl Fleet {
         Reply::parse(&v).ok_or_else(|| {
             redis::RedisError::from((redis::ErrorKind::UnexpectedReturnType, "decision reply"))
         })
+    }
+
+    /// Gives back what a debited lease did not use, in the background.
+    fn spawn_refund(self: &Arc<Self>, refund: Refund) {
+        let fleet = self.clone();
+        tokio::spawn(async move {
+            let asked = tokio::time::timeout(BACKGROUND_TIMEOUT, fleet.run_refund(&refund, None)).await;
+            if !matches!(asked, Ok(Ok(_))) {
+                // Not retried: the fleet admits less, never more.
+                tracing::debug!("giving back a debited lease's unused requests to Redis failed");
+            }
+        });
+    }
+
+    /// Gives back what the leases that ran out did not use (every `debit_within`, at least 50 ms).
+    pub async fn refund_debits(self: &Arc<Self>) {
+        let Some(debits) = &self.debits else { return };
+        for r in debits.expired(Instant::now()) {
+            self.spawn_refund(r);
+        }
+    }
+
+    /// How often `refund_debits` runs, if at all.
+    pub fn refund_every(&self) -> Option<Duration> {
+        self.debits.as_ref().map(Debits::sweep_every)
+    }
+
+    /// One run of the refund script; returns the requests given back to the daily budget.
+    async fn run_refund(&self, r: &Refund, now_us: Option<i64>) -> redis::RedisResult<i64> {
+        let mut conn = self.conn.clone();
+        let mut call = self.refund_script.key(join(&[&r.key, ":gcra"]));
+        call.key(join(&[&r.key, ":day"]))
+            .arg(r.interval_us)
+            .arg(r.requests)
+            .arg(r.day)
+            .arg(now_us.map_or_else(String::new, |t| t.to_string()));
+        call.invoke_async(&mut conn).await
     }
 
     /// Settles what a request held (`lease.rs`), in the background.
@@ -498,11 +574,10 @@ impl Fleet {
         }
         let entity_base = self.entity_base(scope, entity, tier);
         let base = requests_key(&entity_base, &limits);
-        let interval = limits.requests_per_second.map_or(0.0, |r| 1e6 / f64::from(r.max(1)));
         let burst = limits.burst.or(limits.requests_per_second).unwrap_or(1);
         let mut conn = self.conn.clone();
         let mut call = self.peek_script.key(format!("{base}:gcra"));
-        call.key(format!("{base}:day")).arg(interval).arg(burst);
+        call.key(format!("{base}:day")).arg(interval_us(&limits)).arg(burst);
         if llm {
             call.key(tokens_key(&entity_base, &limits))
                 .key(leases_key(&entity_base))
@@ -596,8 +671,47 @@ impl Fleet {
         let ask = Ask::new(&limits, want.as_ref());
         let lease = llm.map(|(_, l)| l);
         let reply =
-            self.ask(&base, &requests_key(&base, &limits), &limits, &ask, lease, Some(now_us)).await?;
+            self.ask(&base, &requests_key(&base, &limits), &limits, &ask, (lease, 1), Some(now_us)).await?;
         Ok(outcome(&reply, &limits, tier, ask.tokens))
+    }
+
+    /// A debited lease's decision at a fixed time (the exact-arithmetic tests): up to `take`
+    /// requests of `entity`'s request limits, the daily share for `replicas`; with the
+    /// requests taken.
+    #[doc(hidden)]
+    pub async fn decide_debit_at(
+        &self,
+        limiter: &Limiter,
+        entity: &Arc<str>,
+        tier: &str,
+        now_us: i64,
+        take: u32,
+        replicas: u32,
+    ) -> Result<(Result<Quota, Box<Rejection>>, i64), redis::RedisError> {
+        let (limits, base) = self.resolve_at(limiter, entity, tier)?;
+        let ask = Ask::new(&limits, None);
+        self.replicas.store(replicas, Ordering::Relaxed);
+        let reply =
+            self.ask(&base, &requests_key(&base, &limits), &limits, &ask, (None, take), Some(now_us)).await?;
+        Ok((outcome(&reply, &limits, tier, None), reply.taken))
+    }
+
+    /// Gives back `requests` of a debited lease taken on UTC day `day`, at a fixed time (the
+    /// exact-arithmetic tests): returns what the daily budget got back.
+    #[doc(hidden)]
+    pub async fn refund_at(
+        &self,
+        limiter: &Limiter,
+        entity: &Arc<str>,
+        tier: &str,
+        now_us: i64,
+        requests: u32,
+        day: i64,
+    ) -> redis::RedisResult<i64> {
+        let (limits, base) = self.resolve_at(limiter, entity, tier)?;
+        let refund =
+            Refund { key: requests_key(&base, &limits), requests, day, interval_us: interval_us(&limits) };
+        self.run_refund(&refund, Some(now_us)).await
     }
 
     /// Settles at a fixed time what `decide_at` held — `held`: (tokens reserved, lease) — with
@@ -657,6 +771,11 @@ impl Ask {
     fn holds(&self) -> bool {
         self.tokens.is_some() || self.concurrent.is_some()
     }
+}
+
+/// The GCRA's emission interval in microseconds (0: no per-second limit).
+fn interval_us(limits: &Tier) -> f64 {
+    limits.requests_per_second.map_or(0.0, |r| 1e6 / f64::from(r.max(1)))
 }
 
 /// The request limits' keys: `<entity base>:<rps>-<burst>-<daily>` (`:gcra`, `:day`).

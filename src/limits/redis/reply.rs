@@ -22,12 +22,14 @@ pub(super) struct Reply {
     tokens: i64,
     tokens_full_ms: i64,
     tokens_today: i64,
+    /// Requests taken: 1, or more for a debited lease (0 when refused).
+    pub(super) taken: i64,
 }
 
 impl Reply {
-    /// The script's reply: ten integers separated by spaces.
+    /// The script's reply: eleven integers separated by spaces.
     pub(super) fn parse(s: &[u8]) -> Option<Reply> {
-        let mut v = [0i64; 10];
+        let mut v = [0i64; 11];
         let mut fields = s.split(|b| *b == b' ');
         for slot in &mut v {
             *slot = std::str::from_utf8(fields.next()?).ok()?.parse().ok()?;
@@ -40,7 +42,7 @@ impl Reply {
 
     pub(super) fn from(v: &[i64]) -> Option<Reply> {
         match *v {
-            [a, by, wait, burst, daily, midnight, tokens, full, today, _in_flight] => Some(Reply {
+            [a, by, wait, burst, daily, midnight, tokens, full, today, _in_flight, taken] => Some(Reply {
                 admitted: a == 1,
                 refused_by: by,
                 wait_us: wait,
@@ -50,6 +52,7 @@ impl Reply {
                 tokens,
                 tokens_full_ms: full,
                 tokens_today: today,
+                taken,
             }),
             _ => None,
         }
@@ -139,39 +142,43 @@ mod tests {
             tokens_per_minute: Some(1000),
             ..Tier::default()
         };
-        let ok = Reply::from(&[1, 0, 0, 199, 99_999, 3_600_000_000, 900, 6000, 100, 1]).unwrap();
+        let ok = Reply::from(&[1, 0, 0, 199, 99_999, 3_600_000_000, 900, 6000, 100, 1, 1]).unwrap();
         let q = outcome(&ok, &t, "audit", Some(100)).unwrap();
         assert_eq!((q.per_second, q.daily), (Some((200, 199, 50)), Some((100_000, 99_999, 3_600_000))));
         assert_eq!(q.tokens.unwrap().per_minute, Some((1000, 900, 6000)));
         assert!(outcome(&ok, &t, "audit", None).unwrap().tokens.is_none(), "nothing reserved, nothing said");
-        let slow = Reply::from(&[0, 1, 20_000, 0, 99_000, 3_600_000_000, 0, 0, 0, 0]).unwrap();
+        let slow = Reply::from(&[0, 1, 20_000, 0, 99_000, 3_600_000_000, 0, 0, 0, 0, 0]).unwrap();
         let r = outcome(&slow, &t, "audit", None).unwrap_err();
         assert_eq!(r.limit, Some(Limit::RequestsPerSecond));
         assert!(matches!(r.error, Error::RateLimited { retry_after: 1, exhausted: false, .. }));
-        let day = Reply::from(&[0, 2, 3_600_000_000, -1, 0, 3_600_000_000, 0, 0, 0, 0]).unwrap();
+        let day = Reply::from(&[0, 2, 3_600_000_000, -1, 0, 3_600_000_000, 0, 0, 0, 0, 0]).unwrap();
         let r = outcome(&day, &t, "audit", None).unwrap_err();
         assert_eq!(r.limit, Some(Limit::DailyRequests));
         assert!(matches!(r.error, Error::RateLimited { retry_after: 3600, exhausted: true, .. }));
         assert_eq!(r.quota.per_second, None);
-        let debt = Reply::from(&[0, 3, 2_500_000, -1, -1, 3_600_000_000, -40, 62_400, 0, 0]).unwrap();
+        let debt = Reply::from(&[0, 3, 2_500_000, -1, -1, 3_600_000_000, -40, 62_400, 0, 0, 0]).unwrap();
         let r = outcome(&debt, &t, "audit", Some(1)).unwrap_err();
         assert_eq!(r.limit, Some(Limit::TokensPerMinute));
         assert!(matches!(r.error, Error::RateLimited { retry_after: 3, .. }));
         assert_eq!(r.quota.tokens.unwrap().per_minute, Some((1000, 0, 62_400)), "debt reads as 0 left");
         assert_eq!(r.quota.per_second, None);
-        let full = Reply::from(&[0, 5, 1_000_000, -1, -1, 3_600_000_000, 0, 0, 0, 4]).unwrap();
+        let full = Reply::from(&[0, 5, 1_000_000, -1, -1, 3_600_000_000, 0, 0, 0, 4, 0]).unwrap();
         let r = outcome(&full, &t, "audit", Some(1)).unwrap_err();
         assert_eq!(r.limit, Some(Limit::ConcurrentRequests));
         assert!(r.quota.tokens.is_none());
         assert!(Reply::from(&[1, 0]).is_none());
-        let parsed = Reply::parse(b"0 3 2500000 -1 -1 3600000000 -40 62400 0 0").unwrap();
+        let parsed = Reply::parse(b"0 3 2500000 -1 -1 3600000000 -40 62400 0 0 0").unwrap();
         assert_eq!(
             (parsed.admitted, parsed.limit(), parsed.tokens),
             (false, Some(Limit::TokensPerMinute), -40)
         );
-        for bad in
-            [&b"1 0 0"[..], b"1 0 0 1 1 1 1 1 1 1 1", b"1 0 0 1 1 1 1 1 1 x", b"", b"1  0 0 1 1 1 1 1 1 1"]
-        {
+        for bad in [
+            &b"1 0 0"[..],
+            b"1 0 0 1 1 1 1 1 1 1 1 1",
+            b"1 0 0 1 1 1 1 1 1 1 x",
+            b"",
+            b"1  0 0 1 1 1 1 1 1 1 1",
+        ] {
             assert!(Reply::parse(bad).is_none(), "{:?}", std::str::from_utf8(bad));
         }
     }
