@@ -272,7 +272,7 @@ def test_fleet_redis_rate_limits():
         config = rendered_config(objects, name)
         assert config["rate_limits"] == {
             "backend": "redis",
-            "redis": {"url_env": "TOLLGATE_REDIS_URL", "key_prefix": "tollgate:", "timeout": "20ms", "on_error": "local", "concurrency_lease": "30s"},
+            "redis": {"url_env": "TOLLGATE_REDIS_URL", "key_prefix": "tollgate:", "timeout": "20ms", "on_error": "local", "concurrency_lease": "30s", "debit_requests": 0, "debit_within": "5ms"},
             "per": "key",
             "overrides": {"orgs": {"acme": {"requests_per_second": 500, "burst": 2000}}},
         }
@@ -308,6 +308,8 @@ def test_redis_values_reach_the_config():
                     "timeout": "50ms",
                     "onError": "closed",
                     "concurrencyLease": "5s",
+                    "debitRequests": 64,
+                    "debitWithin": "10ms",
                 }
             },
             "config": {"rate_limits": {"per": "key"}},
@@ -319,7 +321,7 @@ def test_redis_values_reach_the_config():
     assert config["rate_limits"] == {
         "per": "key",
         "backend": "redis",
-        "redis": {"url_env": "TOLLGATE_REDIS_URL", "key_prefix": "tg-prod:", "timeout": "50ms", "on_error": "closed", "concurrency_lease": "5s"},
+        "redis": {"url_env": "TOLLGATE_REDIS_URL", "key_prefix": "tg-prod:", "timeout": "50ms", "on_error": "closed", "concurrency_lease": "5s", "debit_requests": 64, "debit_within": "10ms"},
     }
     assert config["store"] == {"sqlite": "/var/lib/tollgate/tollgate.db"}
     check_config(by_kind(objects, "ConfigMap", "demo-tollgate")[0]["data"]["config.yaml"])

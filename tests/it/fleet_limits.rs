@@ -641,8 +641,20 @@ async fn debited_leases_ask_redis_less_and_keep_the_fleet_within_its_limits() {
         }
     };
 
-    // A busy entity that is never limited: most requests come from leases.
-    let (redis_before, debit_before) = (decisions("redis").await, decisions("debit").await);
+    // A busy entity that is never limited: most requests come from leases, and Redis round
+    // trips (decisions and refills ahead, as the backend's duration histogram counts them) are
+    // a fraction of the requests.
+    let trips = || {
+        let replicas = &replicas;
+        async move {
+            let mut n = 0.0;
+            for tg in replicas {
+                n += tg.metric("tollgate_ratelimit_backend_duration_seconds_count").await.unwrap_or(0.0);
+            }
+            n
+        }
+    };
+    let (trips_before, debit_before) = (trips().await, decisions("debit").await);
     let flat_out = |i: usize, keys: &[String], n: usize| {
         let (tg, key, client) = (&replicas[i], keys[i].clone(), h1());
         async move {
@@ -657,10 +669,13 @@ async fn debited_leases_ask_redis_less_and_keep_the_fleet_within_its_limits() {
     };
     let (a, b, c) = tokio::join!(flat_out(0, &big, 300), flat_out(1, &big, 300), flat_out(2, &big, 300));
     assert_eq!(a + b + c, 900);
-    let asked = decisions("redis").await - redis_before;
+    let asked = trips().await - trips_before;
     let leased = decisions("debit").await - debit_before;
-    eprintln!("debited leases: 900 requests, {asked} Redis decisions, {leased} from leases");
-    assert!(asked + leased >= 900.0 && asked <= 900.0 / 4.0, "{asked} Redis decisions, {leased} from leases");
+    eprintln!("debited leases: 900 requests, {asked} Redis round trips, {leased} admitted from leases");
+    assert!(
+        leased >= 900.0 * 0.75 && asked <= 900.0 / 4.0,
+        "{asked} Redis round trips, {leased} from leases"
+    );
 
     // Accuracy under three times and more the limit, for 5 s.
     tokio::time::sleep(Duration::from_secs(1)).await;

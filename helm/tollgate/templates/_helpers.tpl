@@ -49,7 +49,7 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
        backend and redis belong to the chart (the schema refuses them in tollgate.config). */ -}}
 {{- $rl := deepCopy (default (dict) $c.rate_limits) -}}
 {{- $_ := set $rl "backend" "redis" -}}
-{{- $_ := set $rl "redis" (dict "url_env" "TOLLGATE_REDIS_URL" "key_prefix" $rd.keyPrefix "timeout" $rd.timeout "on_error" $rd.onError "concurrency_lease" $rd.concurrencyLease) -}}
+{{- $_ := set $rl "redis" (dict "url_env" "TOLLGATE_REDIS_URL" "key_prefix" $rd.keyPrefix "timeout" $rd.timeout "on_error" $rd.onError "concurrency_lease" $rd.concurrencyLease "debit_requests" $rd.debitRequests "debit_within" $rd.debitWithin) -}}
 {{- $_ := set $c "rate_limits" $rl -}}
 {{- end -}}
 {{- $sd := .Values.tollgate.shutdown -}}

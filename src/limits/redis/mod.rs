@@ -52,7 +52,7 @@ mod lease;
 mod reply;
 
 use breaker::Breaker;
-use debit::{Debits, Refund};
+use debit::{Debits, Next, Refund};
 pub use lease::FleetHold;
 use lease::Settlement;
 use reply::{outcome, Reply};
@@ -207,9 +207,8 @@ impl Fleet {
         let now = Instant::now();
         // A debited lease of this replica admits without Redis (requests it already took).
         let debits = self.debits.as_ref().filter(|_| !ask.holds());
-        if let Some(quota) = debits.and_then(|d| d.spend(&requests, now)) {
-            self.count("debit");
-            return Ok((quota, None));
+        if let Some(spent) = debits.and_then(|d| d.spend(&requests, now)) {
+            return Ok(self.debited(spent, requests, limits, tier));
         }
         if let Some(known) = self.refused.get(&requests) {
             if known.0 > now {
@@ -228,15 +227,39 @@ impl Fleet {
             return self.fall_back(config, limiter, key_id, org, tier, want);
         }
         let lease = ask.concurrent.map(|_| self.new_lease());
-        let take = match debits.map(|d| d.want(&requests, now)) {
-            Some((take, refund)) => {
-                if let Some(r) = refund {
-                    self.spawn_refund(r);
+        let (mut take, mut decides) = (1, false);
+        if let Some(d) = debits {
+            // Another request's decision will bring a batch: wait for it rather than each
+            // asking Redis, as long as a decision may take; then decide if none is under way.
+            let deadline = tokio::time::Instant::now() + self.timeout;
+            loop {
+                match d.want(&requests, Instant::now()) {
+                    Next::Ask { take: t, refund, decides: first } => {
+                        if let Some(r) = refund {
+                            self.spawn_refund(r);
+                        }
+                        (take, decides) = (t, first);
+                        break;
+                    }
+                    Next::Wait(ready) => {
+                        // Registered before looking again, so that its end is not missed.
+                        let notified = ready.notified();
+                        tokio::pin!(notified);
+                        notified.as_mut().enable();
+                        let mut spent = d.spend(&requests, Instant::now());
+                        if spent.is_none() {
+                            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                                break;
+                            }
+                            spent = d.spend(&requests, Instant::now());
+                        }
+                        if let Some(spent) = spent {
+                            return Ok(self.debited(spent, requests, limits, tier));
+                        }
+                    }
                 }
-                take
             }
-            None => 1,
-        };
+        }
         let started = Instant::now();
         let asked = tokio::time::timeout(
             self.timeout,
@@ -256,6 +279,9 @@ impl Fleet {
                 // never made would give tokens away.)
                 if let Some(lease) = lease {
                     self.release_lease(&base, lease);
+                }
+                if let Some(d) = debits.filter(|_| decides) {
+                    d.decided_nothing(&requests);
                 }
                 return self.fall_back(config, limiter, key_id, org, tier, want);
             }
@@ -277,13 +303,16 @@ impl Fleet {
             }
             Ok(quota) => {
                 if let Some(d) = debits {
-                    let taken = u32::try_from(reply.taken.max(1)).unwrap_or(1);
+                    let more = u32::try_from(reply.taken.max(1) - 1).unwrap_or(0);
                     let day = crate::clock::now_ms().div_euclid(86_400_000);
-                    d.store(&requests, taken, now, day, interval_us(&limits), quota.clone());
+                    d.store(&requests, more, decides, now, day, interval_us(&limits), quota.clone());
                 }
                 Ok((quota, None))
             }
             Err(r) => {
+                if let Some(d) = debits.filter(|_| decides) {
+                    d.decided_nothing(&requests);
+                }
                 // Only the request limits' refusals hold for every request until their wait is
                 // over: a token refusal depends on the size of the request, a concurrency one
                 // ends when any request does.
@@ -440,6 +469,56 @@ impl Fleet {
         Reply::parse(&v).ok_or_else(|| {
             redis::RedisError::from((redis::ErrorKind::UnexpectedReturnType, "decision reply"))
         })
+    }
+
+    /// A request admitted from this replica's debited lease (`spent`: its quota, and the size
+    /// of a refill to ask for now, if any).
+    fn debited(
+        self: &Arc<Self>,
+        (quota, refill): (Quota, Option<u32>),
+        requests: String,
+        limits: Tier,
+        tier: &str,
+    ) -> (Quota, Option<Hold>) {
+        self.count("debit");
+        if let Some(take) = refill {
+            self.spawn_refill(requests, limits, tier, take, quota.fixed.clone());
+        }
+        (quota, None)
+    }
+
+    /// Takes the next batch of a debited lease before the one running is spent, in the
+    /// background (bounded by the decision timeout; a failure or a refusal only means that the
+    /// next request asks Redis itself).
+    fn spawn_refill(
+        self: &Arc<Self>,
+        requests: String,
+        limits: Tier,
+        tier: &str,
+        take: u32,
+        fixed: Option<Arc<super::quota::Fixed>>,
+    ) {
+        let (fleet, tier) = (self.clone(), tier.to_string());
+        tokio::spawn(async move {
+            let Some(debits) = &fleet.debits else { return };
+            let ask = Ask { tokens: None, concurrent: None };
+            let started = Instant::now();
+            let asked = tokio::time::timeout(
+                fleet.timeout,
+                fleet.ask("", &requests, &limits, &ask, (None, take), None),
+            )
+            .await;
+            fleet.metrics.duration.observe(started.elapsed().as_secs_f64());
+            match asked.ok().and_then(Result::ok).map(|r| (r, outcome(&r, &limits, &tier, None))) {
+                Some((reply, Ok(mut quota))) => {
+                    quota.fixed = fixed;
+                    let taken = u32::try_from(reply.taken.max(0)).unwrap_or(0);
+                    let day = crate::clock::now_ms().div_euclid(86_400_000);
+                    debits.store(&requests, taken, true, started, day, interval_us(&limits), quota);
+                }
+                _ => debits.decided_nothing(&requests),
+            }
+        });
     }
 
     /// Gives back what a debited lease did not use, in the background.
