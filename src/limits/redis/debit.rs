@@ -151,7 +151,8 @@ impl Debits {
 
     /// A decision of `key` (asked for at `now`) took `more` requests for later (beyond the
     /// request deciding, if one did): this replica's to admit until `debit_within` from then.
-    /// `decides`: the lease's decision under way (`want`, `spend`), whose waiters go on now.
+    /// `(day, interval_us)`: the UTC day it was taken on and the GCRA's emission interval (for
+    /// a refund). `decides`: the lease's decision under way (`want`, `spend`), whose waiters go on now.
     /// Two batches left at once (decisions that crossed) become one, with the earlier end.
     pub(super) fn store(
         &self,
@@ -159,8 +160,7 @@ impl Debits {
         more: u32,
         decides: bool,
         now: Instant,
-        day: i64,
-        interval_us: f64,
+        (day, interval_us): (i64, f64),
         quota: Quota,
     ) {
         let until = now + self.within;
@@ -253,12 +253,12 @@ mod tests {
         let t = Instant::now();
         // A first request asks for itself only.
         assert_eq!(ask(&d, t), (1, None, false));
-        d.store("k", 0, false, t, 20, 1000.0, Q());
+        d.store("k", 0, false, t, (20, 1000.0), Q());
         assert!(d.spend("k", t).is_none(), "nothing left");
         // The next comes while that lease runs: twice as many, one decision at a time.
         assert_eq!(ask(&d, t + MS), (2, None, true));
         assert!(matches!(d.want("k", t + MS), Next::Wait(_)), "the others wait for it");
-        d.store("k", 1, true, t + MS, 20, 1000.0, Q());
+        d.store("k", 1, true, t + MS, (20, 1000.0), Q());
         assert_eq!(spent(&d, t + 2 * MS, 2), 1, "one taken for the deciding request, one spent");
         // That spend asked for a refill, twice as big (the batch went in 1 ms): 4; none runs here.
         d.decided_nothing("k");
@@ -268,15 +268,15 @@ mod tests {
         }
         // Ran out with requests left: given back, once; the entity paused, so the next lease is
         // half as big.
-        d.store("k", 7, true, t + 10 * MS, 20, 1000.0, Q());
+        d.store("k", 7, true, t + 10 * MS, (20, 1000.0), Q());
         assert!(d.spend("k", t + 15 * MS).is_none(), "a lease lasts `within`");
         assert_eq!(ask(&d, t + 15 * MS), (4, refund(7), true));
         d.decided_nothing("k");
         assert_eq!(ask(&d, t + 16 * MS), (2, None, true), "given back once; still paused: half again");
         d.decided_nothing("k");
         // The sweep gives back what nobody asked for again, and forgets idle entities.
-        d.store("k", 2, false, t + 20 * MS, 20, 1000.0, Q());
-        d.store("j", 0, false, t + 20 * MS, 20, 1000.0, Q());
+        d.store("k", 2, false, t + 20 * MS, (20, 1000.0), Q());
+        d.store("j", 0, false, t + 20 * MS, (20, 1000.0), Q());
         assert_eq!(d.expired(t + 21 * MS), vec![]);
         assert_eq!(d.expired(t + 25 * MS), vec![refund(2).unwrap()]);
         assert_eq!(d.expired(t + 25 * MS), vec![]);
@@ -288,24 +288,24 @@ mod tests {
     fn a_lease_half_spent_is_refilled_ahead_once_and_each_batch_keeps_its_end() {
         let d = Debits::new(8, 5 * MS);
         let t = Instant::now();
-        d.store("k", 0, false, t, 20, 1000.0, Q());
+        d.store("k", 0, false, t, (20, 1000.0), Q());
         for _ in 0..3 {
             ask(&d, t);
             d.decided_nothing("k");
         }
-        d.store("k", 7, true, t, 20, 1000.0, Q());
+        d.store("k", 7, true, t, (20, 1000.0), Q());
         // 7 left; down to 4 (half of 8): one refill of 8 asked for, and not again while it runs.
         let refills: Vec<Option<u32>> = (0..7).map(|_| d.spend("k", t + MS).unwrap().1).collect();
         assert_eq!(refills, [None, None, Some(8), None, None, None, None]);
         assert!(d.spend("k", t + MS).is_none(), "all 8 spent");
         assert!(matches!(d.want("k", t + MS), Next::Wait(_)), "the refill under way is waited for");
         // The refill's batch: all of it for later requests.
-        d.store("k", 8, true, t + 2 * MS, 20, 1000.0, Q());
+        d.store("k", 8, true, t + 2 * MS, (20, 1000.0), Q());
         assert_eq!(spent(&d, t + 3 * MS, 3), 3);
         // A batch taken while the other still has requests: each keeps its end (7 ms, 9 ms);
         // a third at once joins the newer one.
-        d.store("k", 3, false, t + 4 * MS, 20, 1000.0, Q());
-        d.store("k", 1, false, t + 4 * MS, 20, 1000.0, Q());
+        d.store("k", 3, false, t + 4 * MS, (20, 1000.0), Q());
+        d.store("k", 1, false, t + 4 * MS, (20, 1000.0), Q());
         assert_eq!(spent(&d, t + 6 * MS, 3), 3);
         // At 8 ms the first has ended with 2 left (owed back), the second runs.
         assert_eq!(spent(&d, t + 8 * MS, 20), 4);
@@ -313,7 +313,7 @@ mod tests {
         // A refill that brought nothing: the next spend may ask again.
         assert!(d.leases.get("k").unwrap().refilling, "the spends above asked for one");
         d.decided_nothing("k");
-        d.store("k", 7, false, t + 10 * MS, 20, 1000.0, Q());
+        d.store("k", 7, false, t + 10 * MS, (20, 1000.0), Q());
         assert!((0..7).any(|_| d.spend("k", t + 10 * MS).and_then(|s| s.1).is_some()), "asked again");
     }
 
@@ -321,7 +321,7 @@ mod tests {
     async fn requests_that_find_the_lease_empty_go_on_when_the_decision_under_way_ends() {
         let d = Debits::new(8, 5 * MS);
         let t = Instant::now();
-        d.store("k", 0, false, t, 20, 1000.0, Q());
+        d.store("k", 0, false, t, (20, 1000.0), Q());
         assert!(ask(&d, t).2, "decides");
         for brings in [3, 0] {
             let Next::Wait(ready) = d.want("k", t) else { panic!("asks") };
@@ -329,11 +329,11 @@ mod tests {
             tokio::pin!(woken);
             woken.as_mut().enable();
             if brings > 0 {
-                d.store("k", brings, true, t, 20, 1000.0, Q());
+                d.store("k", brings, true, t, (20, 1000.0), Q());
             } else {
                 d.decided_nothing("k");
             }
-            tokio::time::timeout(Duration::from_secs(5), woken).await.expect("woken");
+            assert!(tokio::time::timeout(Duration::from_secs(5), woken).await.is_ok(), "woken");
             assert_eq!(spent(&d, t + MS, 5), brings as usize);
             d.decided_nothing("k"); // a refill the spends asked for (none runs here)
             assert!(ask(&d, t + MS).2, "the next decision");
@@ -344,8 +344,8 @@ mod tests {
     fn a_lease_of_another_day_is_not_merged() {
         let d = Debits::new(8, 5 * MS);
         let t = Instant::now();
-        d.store("k", 3, false, t, 20, 1000.0, Q());
-        d.store("k", 1, false, t + MS, 21, 1000.0, Q());
+        d.store("k", 3, false, t, (20, 1000.0), Q());
+        d.store("k", 1, false, t + MS, (21, 1000.0), Q());
         assert_eq!(spent(&d, t + 2 * MS, 9), 1);
     }
 }

@@ -305,7 +305,7 @@ impl Fleet {
                 if let Some(d) = debits {
                     let more = u32::try_from(reply.taken.max(1) - 1).unwrap_or(0);
                     let day = crate::clock::now_ms().div_euclid(86_400_000);
-                    d.store(&requests, more, decides, now, day, interval_us(&limits), quota.clone());
+                    d.store(&requests, more, decides, now, (day, interval_us(&limits)), quota.clone());
                 }
                 Ok((quota, None))
             }
@@ -514,7 +514,7 @@ impl Fleet {
                     quota.fixed = fixed;
                     let taken = u32::try_from(reply.taken.max(0)).unwrap_or(0);
                     let day = crate::clock::now_ms().div_euclid(86_400_000);
-                    debits.store(&requests, taken, true, started, day, interval_us(&limits), quota);
+                    debits.store(&requests, taken, true, started, (day, interval_us(&limits)), quota);
                 }
                 _ => debits.decided_nothing(&requests),
             }
