@@ -601,7 +601,8 @@ async fn three_replicas_at_three_times_the_limit_admit_what_one_exact_gcra_would
     assert_eq!(d0 + d1 + d2, 500, "{d0} + {d1} + {d2}");
 }
 
-/// Debited leases (`debit_requests: 16`, `debit_within: 5ms`) on three replicas: a busy entity
+/// Debited leases (`debit_requests: 16`, `debit_within: 50ms`: long enough for a loaded CI
+/// machine's one-request-at-a-time clients to use a lease before it ends) on three replicas: a busy entity
 /// asks Redis for a fraction of its requests; three clients flat out at a 200/s tier admit what
 /// one exact GCRA admits for the same arrivals within 2 %, never more than
 /// `burst + rate × (window + debit_within)`; a daily budget of 500 is never exceeded, and what
@@ -614,7 +615,7 @@ async fn debited_leases_ask_redis_less_and_keep_the_fleet_within_its_limits() {
         &up,
         &redis,
         "{ enterprise: { requests_per_second: 1000 }, big: { requests_per_second: 100000 }, acc: { requests_per_second: 200, burst: 100 }, day: { requests_per_second: 100000, daily_requests: 500 } }",
-        ", debit_requests: 16, debit_within: 5ms",
+        ", debit_requests: 16, debit_within: 50ms",
     );
     let keys = |tier: &str| -> Vec<String> {
         replicas
@@ -703,7 +704,7 @@ async fn debited_leases_ask_redis_less_and_keep_the_fleet_within_its_limits() {
     let window = arrivals.iter().max().copied().unwrap_or_default();
     let (offered, admitted) = (arrivals.len(), n0 + n1 + n2);
     let exact = exact_gcra(&mut arrivals, 200, 100);
-    let bound = 100.0 + 200.0 * (window.as_secs_f64() + 0.005);
+    let bound = 100.0 + 200.0 * (window.as_secs_f64() + 0.050);
     let error = (admitted as f64 - exact as f64) / exact as f64;
     eprintln!("debited fleet accuracy: {offered} offered in {window:?}, {admitted} admitted, exact GCRA {exact} ({:+.2} %), bound {bound:.0}", error * 100.0);
     assert!(
