@@ -235,13 +235,16 @@ pub struct Rejection {
     pub limit: Option<Limit>,
 }
 
+type Buckets<C> = HashMap<String, Arc<Bucket<C>>, foldhash::fast::RandomState>;
+
 pub struct Limiter<C: Clock + Clone = DefaultClock> {
     /// Whether any tier or override limits tokens or concurrency.
     any_llm: bool,
     per: LimitPer,
-    tiers: HashMap<String, Arc<Bucket<C>>>,
-    orgs: HashMap<String, Arc<Bucket<C>>>,
-    keys: HashMap<String, Arc<Bucket<C>>>,
+    /// By name, from the config (looked up on every request: foldhash, as `Map`).
+    tiers: Buckets<C>,
+    orgs: Buckets<C>,
+    keys: Buckets<C>,
     clock: C,
     wall: Wall,
     /// Unconfigured tiers already logged.
@@ -296,8 +299,7 @@ impl<C: Clock + Clone> Limiter<C> {
             Some(b) if b.limits == *limits && same_per => b.clone(),
             _ => Arc::new(Bucket::new(*limits, &clock)),
         };
-        let map = |src: &std::collections::BTreeMap<String, Tier>,
-                   old: Option<&HashMap<String, Arc<Bucket<C>>>>| {
+        let map = |src: &std::collections::BTreeMap<String, Tier>, old: Option<&Buckets<C>>| {
             src.iter()
                 .map(|(name, limits)| (name.clone(), build(limits, old.and_then(|o| o.get(name)))))
                 .collect()

@@ -35,7 +35,8 @@ pub(crate) const CLIENT_GONE_STATUS: u16 = 499;
 pub(crate) struct Record {
     pub state: Arc<State>,
     pub started: Instant,
-    pub route: Option<Arc<str>>,
+    /// The route's label and duration histogram (`None`: unmatched).
+    pub route: Option<(Arc<str>, prometheus::Histogram)>,
     pub method: &'static str,
     pub path: String,
     pub status: u16,
@@ -47,11 +48,17 @@ pub(crate) struct Record {
 impl Observer for Record {
     fn on_end(self: Box<Self>, bytes: u64, end: End) {
         let m = &self.state.metrics;
-        let route = self.route.as_deref().unwrap_or(UNMATCHED);
-        let status = self.status.to_string();
-        m.requests.with_label_values(&[route, self.method, &status, self.code]).inc();
+        let route = self.route.as_ref().map_or(UNMATCHED, |r| &*r.0);
+        // `as_str` reads a table of every code: no number formatted, nothing allocated.
+        // Every status here is one of a response (or 499): valid, so the fallback is never used.
+        let code = http::StatusCode::from_u16(self.status).unwrap_or(http::StatusCode::INTERNAL_SERVER_ERROR);
+        let status = code.as_str();
+        m.requests.with_label_values(&[route, self.method, status, self.code]).inc();
         let elapsed = self.started.elapsed();
-        m.request_duration(route).observe(elapsed.as_secs_f64());
+        match &self.route {
+            Some((_, histogram)) => histogram.observe(elapsed.as_secs_f64()),
+            None => m.request_duration(route).observe(elapsed.as_secs_f64()),
+        }
         m.inflight.dec();
         let end = match end {
             End::Complete => "complete",

@@ -12,6 +12,7 @@ use std::time::Instant;
 
 use http::{HeaderValue, Request, Response};
 use hyper::body::Incoming;
+use prometheus::Histogram;
 
 use super::access_log::{redact_keys, Record, CLIENT_GONE_STATUS};
 use crate::auth::Principal;
@@ -31,8 +32,8 @@ pub struct Ctx {
     method: &'static str,
     /// The access log's copy of the path, keys redacted; empty when that log is off.
     log_path: String,
-    /// The matched route's label (`None`: unmatched).
-    pub route: Option<Arc<str>>,
+    /// The matched route's label and its duration histogram (`None`: unmatched).
+    pub route: Option<(Arc<str>, Histogram)>,
     /// The caller, once authenticated.
     pub principal: Option<Arc<Principal>>,
     /// The admission decision, for the rate-limit headers (refusals carry one too).

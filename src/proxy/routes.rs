@@ -1,12 +1,13 @@
 //! Route table (§3): method + path pattern → required scope; first match wins. Sits after
 //! authentication in the pipeline; the matched pattern is also the `route` metric label.
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use http::Method;
 
 use crate::config::{Config, RouteRule, RouteSpec};
 use crate::error::Error;
+use crate::metrics::{Metrics, RouteSeries};
 
 /// Who answers a matched request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -62,6 +63,9 @@ pub struct Route {
     pub handler: Handler,
     /// A public route (`public: true` in config): no key, no scope, no rate limit.
     pub public: bool,
+    /// Its metric series, resolved by its first request. A table belongs to one `State`'s
+    /// snapshot (built per config generation), so to one registry.
+    series: OnceLock<RouteSeries>,
 }
 
 impl Route {
@@ -73,7 +77,13 @@ impl Route {
             label: path.into(),
             handler,
             public: false,
+            series: OnceLock::new(),
         }
+    }
+
+    /// This route's series in `metrics` (the registry of the state whose snapshot holds it).
+    pub fn series(&self, metrics: &Metrics) -> &RouteSeries {
+        self.series.get_or_init(|| metrics.route_series(&self.label))
     }
 
     /// Passes when the key's scope set contains this route's scope, exactly.

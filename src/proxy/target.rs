@@ -68,11 +68,36 @@ pub fn check_target(uri: &Uri, version: Version, headers: &HeaderMap) -> Result<
     check_path(path).or_else(bad)
 }
 
+/// One pass over the path (every request pays for it: a `split` and a `contains("//")` after
+/// the character scan cost ≈ 800 instructions per request, `benches/load/profile.sh h1`).
+/// Refused characters answer at once, in the order they appear; dot and empty segments are
+/// noted on the way and answered after, dot segments first.
 fn check_path(path: &str) -> Result<(), &'static str> {
     let bytes = path.as_bytes();
+    // First without a branch per byte (so the compiler can take 16 bytes at a time): a path
+    // with none of `\`, `;`, `%`, `.` and no `//` — most API paths — has nothing more to check.
+    let odd = bytes.iter().fold(false, |acc, &b| acc | matches!(b, b'\\' | b';' | b'%' | b'.'));
+    let double = bytes
+        .iter()
+        .zip(&bytes[1.min(bytes.len())..])
+        .fold(false, |acc, (&a, &b)| acc | (a == b'/' && b == b'/'));
+    if !odd && !double {
+        return Ok(());
+    }
+    let (mut dots, mut empty) = (false, false);
+    // Where the current segment began (just after its `/`); none before the first `/`.
+    let mut start: Option<usize> = None;
     let mut i = 0;
     while i < bytes.len() {
         match bytes[i] {
+            b'/' => {
+                if let Some(s) = start {
+                    let segment = &bytes[s..i];
+                    dots |= segment == b"." || segment == b"..";
+                    empty |= segment.is_empty();
+                }
+                start = Some(i + 1);
+            }
             b'\\' => return Err("backslashes are not allowed in the path"),
             // Servlet containers strip `;params` from segments, so `/v1/models/..;/keys` is
             // `/v1/keys` to them; no OpenAI-style route has path parameters.
@@ -106,12 +131,14 @@ fn check_path(path: &str) -> Result<(), &'static str> {
         }
         i += 1;
     }
-    for segment in path.split('/').skip(1) {
-        if segment == "." || segment == ".." {
-            return Err("dot segments (`.` or `..`) are not allowed in the path");
-        }
+    if let Some(s) = start {
+        let last = &bytes[s..];
+        dots |= last == b"." || last == b"..";
     }
-    if path.contains("//") {
+    if dots {
+        return Err("dot segments (`.` or `..`) are not allowed in the path");
+    }
+    if empty {
         return Err("empty path segments (`//`) are not allowed");
     }
     Ok(())
@@ -250,6 +277,73 @@ mod tests {
         for t in ["/v1/models", "/v1/models/", "/v1/models/a%20b", "/v1/models/x.y", "/v1/models/..x", "/"] {
             assert!(target(t).is_ok(), "{t}");
         }
+    }
+
+    /// The one-pass check answers as the plain one it replaced (character scan, then dot
+    /// segments, then `//`; kept here verbatim), message for message, on every path of up to six characters over an
+    /// alphabet of what matters.
+    #[test]
+    fn the_one_pass_path_check_answers_as_the_segment_by_segment_one() {
+        fn plain(path: &str) -> Result<(), &'static str> {
+            let bytes = path.as_bytes();
+            let mut i = 0;
+            while i < bytes.len() {
+                match bytes[i] {
+                    b'\\' => return Err("backslashes are not allowed in the path"),
+                    // Servlet containers strip `;params` from segments, so `/v1/models/..;/keys` is
+                    // `/v1/keys` to them; no OpenAI-style route has path parameters.
+                    b';' => return Err("path parameters (`;`) are not allowed in the path"),
+                    b'%' => {
+                        let hex = |b: Option<&u8>| b.and_then(|b| (*b as char).to_digit(16));
+                        let (Some(hi), Some(lo)) = (hex(bytes.get(i + 1)), hex(bytes.get(i + 2))) else {
+                            return Err("malformed percent-encoding in the path");
+                        };
+                        let decoded = u8::try_from(hi * 16 + lo).unwrap_or(0);
+                        if decoded.is_ascii_alphanumeric() || b"-._~".contains(&decoded) {
+                            // Decoding these changes nothing for a conforming server but lets a
+                            // non-conforming one see another route: `/v1/%63hat/completions`.
+                            return Err(
+                                "percent-encoded unreserved characters (such as `%2e`) are not allowed in the path",
+                            );
+                        }
+                        if matches!(decoded, b'/' | b'\\') {
+                            return Err("encoded slashes are not allowed in the path");
+                        }
+                        if decoded == b';' {
+                            return Err("path parameters (`;`) are not allowed in the path");
+                        }
+                        if decoded < 0x20 || decoded == 0x7f {
+                            return Err("encoded control characters are not allowed in the path");
+                        }
+                        i += 3;
+                        continue;
+                    }
+                    _ => {}
+                }
+                i += 1;
+            }
+            for segment in path.split('/').skip(1) {
+                if segment == "." || segment == ".." {
+                    return Err("dot segments (`.` or `..`) are not allowed in the path");
+                }
+            }
+            if path.contains("//") {
+                return Err("empty path segments (`//`) are not allowed");
+            }
+            Ok(())
+        }
+        let alphabet = ['/', '.', 'a', '%', '2', 'e', ';', '\\'];
+        let mut paths = vec![String::new()];
+        let mut checked = 0;
+        for _ in 0..6 {
+            paths = paths.iter().flat_map(|p| alphabet.iter().map(move |c| format!("{p}{c}"))).collect();
+            for p in &paths {
+                let path = format!("/{p}");
+                assert_eq!(check_path(&path), plain(&path), "{path}");
+                checked += 1;
+            }
+        }
+        assert_eq!(checked, (1..=6).map(|n| 8usize.pow(n)).sum::<usize>());
     }
 
     #[test]

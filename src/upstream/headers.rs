@@ -65,10 +65,11 @@ pub fn request_id(headers: &HeaderMap) -> HeaderValue {
         }
     }
     const HEX: &[u8; 16] = b"0123456789abcdef";
+    // A byte at a time (two digits), not a nibble: half the steps, no 128-bit shifts.
     let mut id = [0u8; 32];
-    let bits = fastrand::u128(..);
-    for (i, b) in id.iter_mut().enumerate() {
-        *b = HEX[usize::from(((bits >> (4 * i)) & 0xf) as u8)];
+    for (pair, byte) in id.chunks_exact_mut(2).zip(fastrand::u128(..).to_le_bytes()) {
+        pair[0] = HEX[usize::from(byte >> 4)];
+        pair[1] = HEX[usize::from(byte & 0xf)];
     }
     // 32 hex digits are always a valid header value.
     HeaderValue::from_bytes(&id).unwrap_or(HeaderValue::from_static("0"))
