@@ -133,6 +133,24 @@ mod tests {
         assert_eq!(find("", "usage"), None);
     }
 
+    /// Strings short and long (either side of the byte-by-byte start), with an escaped quote
+    /// or backslash at every position: the member after them is found, the one inside not.
+    #[test]
+    fn strings_of_every_length_with_escapes_anywhere_are_skipped() {
+        for len in 0..48 {
+            for at in 0..=len {
+                for escape in [r#"\""#, r"\\"] {
+                    let mut content = "x".repeat(len);
+                    content.insert_str(at, escape);
+                    let json = format!(r#"{{"a":"{content}","in":"\"usage\":1","usage":{len}}}"#);
+                    assert_eq!(find(&json, "usage"), Some(&*format!("{len}}}")), "{json}");
+                    let cut = format!(r#"{{"a":"{content}"#);
+                    assert_eq!(find(&cut, "usage"), None, "{cut}");
+                }
+            }
+        }
+    }
+
     #[test]
     fn unsigned_integers_are_read_as_a_json_parser_reads_them() {
         for (v, n) in
