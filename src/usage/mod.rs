@@ -46,9 +46,9 @@ fn content_length(h: &HeaderMap) -> Option<u64> {
 }
 
 fn is_json(h: &HeaderMap) -> bool {
-    h.get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.trim_start().to_ascii_lowercase().starts_with("application/json"))
+    h.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).is_some_and(|v| {
+        v.trim_start().as_bytes().get(..16).is_some_and(|p| p.eq_ignore_ascii_case(b"application/json"))
+    })
 }
 
 /// The members of a request that the estimate and the injection need, found by one scan of
@@ -110,7 +110,15 @@ pub async fn prepare(
     };
     let whole = |parts, bytes: Bytes, p: Prepared| {
         let mut req = Request::from_parts(parts, Outgoing::Rewritten(None));
-        crate::upstream::rewrite_body(&mut req, bytes);
+        let as_declared =
+            length == Some(bytes.len() as u64) && !req.headers().contains_key(header::TRANSFER_ENCODING);
+        if as_declared {
+            // Sent as it came, whole: its `content-length` already says so (one header
+            // removed, one formatted and inserted fewer per request).
+            *req.body_mut() = Outgoing::Rewritten(Some(bytes));
+        } else {
+            crate::upstream::rewrite_body(&mut req, bytes);
+        }
         Ok((req, p))
     };
     // Only the members that matter: most requests are only read.
