@@ -7,7 +7,7 @@
 
 use bytes::{Bytes, BytesMut};
 
-use super::scan::{member, members, unsigned};
+use super::scan::{last_member, member, members, unsigned};
 
 /// Tokens as the upstream reported them.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -33,7 +33,7 @@ struct Read {
 /// never parsed.
 fn read(json: &[u8], choices: bool) -> Option<Read> {
     let object = |v: &&[u8]| v.first() == Some(&b'{');
-    let counts = member(json, b"usage")
+    let counts = last_member(json, b"usage")
         .filter(object)
         .or_else(|| member(json, b"response").and_then(|r| member(r, b"usage")).filter(object))?;
     // Chat and completions say prompt/completion, responses input/output.

@@ -15,6 +15,58 @@ pub fn member<'a>(json: &'a [u8], key: &[u8]) -> Option<&'a [u8]> {
     found
 }
 
+/// `member`, looked for from the end: a completion's `usage` is its last member, after
+/// choices that can be long, so this reads only its last bytes (a forward scan of a small
+/// completion was ≈ 2,000 instructions, `benches/load/profile.sh` with token limits). Going
+/// backwards is exact for JSON: outside strings, the first quote met closes a string, whose
+/// opening quote is the previous one preceded by an even number of backslashes; at the top
+/// level, a string followed by `:` is a member's name. With a name given twice it finds the
+/// last, as a parser that builds a map keeps. `None` if there is no such member or `json` is
+/// not an object.
+pub fn last_member<'a>(json: &'a [u8], key: &[u8]) -> Option<&'a [u8]> {
+    if json.get(skip_ws(json, 0)) != Some(&b'{') {
+        return None;
+    }
+    let mut i = json.iter().rposition(|b| !matches!(b, b' ' | b'\t' | b'\n' | b'\r'))?;
+    if json[i] != b'}' {
+        return None;
+    }
+    let mut depth = 0u32;
+    while i > 0 {
+        i -= 1;
+        match json[i] {
+            b'"' => {
+                let start = string_start(json, i)?;
+                if depth == 0 && &json[start + 1..i] == key {
+                    let colon = skip_ws(json, i + 1);
+                    if json.get(colon) == Some(&b':') {
+                        return Some(&json[skip_ws(json, colon + 1)..]);
+                    }
+                }
+                i = start;
+            }
+            b'}' | b']' => depth += 1,
+            // The top-level object's own `{`: no such member.
+            b'{' | b'[' if depth == 0 => return None,
+            b'{' | b'[' => depth -= 1,
+            _ => {}
+        }
+    }
+    None
+}
+
+/// The index of the opening quote of the string whose closing quote is at `end`.
+fn string_start(json: &[u8], end: usize) -> Option<usize> {
+    let mut j = end;
+    loop {
+        j = memchr::memrchr(b'"', &json[..j])?;
+        // A quote after an odd number of backslashes is part of the string.
+        if json[..j].iter().rev().take_while(|&&b| b == b'\\').count() % 2 == 0 {
+            return Some(j);
+        }
+    }
+}
+
 /// `member` for several keys in one pass: the first value of each; `None` if `json` is not an
 /// object, or is cut short before every key was found.
 pub fn members<'a, const N: usize>(json: &'a [u8], keys: [&[u8]; N]) -> Option<[Option<&'a [u8]>; N]> {
@@ -149,6 +201,77 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// From the end, the same member as from the start: every case above, and thousands of
+    /// random objects (nested values, strings full of quotes, backslashes, braces and names),
+    /// compact and pretty-printed, with unique top-level names.
+    fn last<'a>(json: &'a str, key: &str) -> Option<&'a str> {
+        last_member(json.as_bytes(), key.as_bytes()).map(|v| std::str::from_utf8(v).unwrap())
+    }
+
+    #[test]
+    fn the_last_member_is_the_member_found_from_the_start() {
+        for (json, key) in [
+            (r#"{"a":1,"usage":{"x":2}}"#, "usage"),
+            (" { \"usage\" :\n null } \n", "usage"),
+            (r#"{"choices":[{"usage":1}],"x":{"usage":2}}"#, "usage"),
+            (r#"{"content":"\"usage\":{\"prompt_tokens\":9}"}"#, "usage"),
+            (r#"{"content":"a\\","usage":3}"#, "usage"),
+            (r#"{"content":"}{][","usage":4}"#, "usage"),
+            (r#"{"usage_x":1,"xusage":2}"#, "usage"),
+            (r#"["usage",1]"#, "usage"),
+            (r#"{"a":"unterminated"#, "usage"),
+            ("", "usage"),
+            ("}", "usage"),
+            (r#"{"usage":"\\\"}"}"#, "usage"),
+        ] {
+            assert_eq!(last(json, key), find(json, key), "{json}");
+        }
+        let mut rng = fastrand::Rng::with_seed(7);
+        fn string(rng: &mut fastrand::Rng) -> serde_json::Value {
+            let pieces = ["\"", "\\", "{", "}", "[", "]", ",", ":", "usage", "\"usage\":", "x", " "];
+            serde_json::Value::String(
+                (0..rng.usize(0..6)).map(|_| pieces[rng.usize(..pieces.len())]).collect(),
+            )
+        }
+        fn value(rng: &mut fastrand::Rng, depth: u32) -> serde_json::Value {
+            match rng.u32(0..if depth > 2 { 3 } else { 5 }) {
+                0 => serde_json::Value::from(rng.u32(..1000)),
+                1 => string(rng),
+                2 => serde_json::Value::Null,
+                3 => (0..rng.usize(0..4)).map(|_| value(rng, depth + 1)).collect(),
+                _ => serde_json::Value::Object(
+                    (0..rng.usize(0..4))
+                        .map(|i| {
+                            (
+                                format!("{}{i}", ["usage", "k", "\"usage\""][rng.usize(..3)]),
+                                value(rng, depth + 1),
+                            )
+                        })
+                        .collect(),
+                ),
+            }
+        }
+        let mut hits = 0;
+        for _ in 0..5000 {
+            let names = ["usage", "choices", "id", "model", "x\"usage"];
+            let mut object = serde_json::Map::new();
+            for _ in 0..rng.usize(0..6) {
+                object.insert(names[rng.usize(..names.len())].to_string(), value(&mut rng, 0));
+            }
+            let object = serde_json::Value::Object(object);
+            for json in
+                [serde_json::to_string(&object).unwrap(), serde_json::to_string_pretty(&object).unwrap()]
+            {
+                for key in ["usage", "choices", "x\\\"usage"] {
+                    let found = find(&json, key);
+                    assert_eq!(last(&json, key), found, "{json} {key}");
+                    hits += usize::from(found.is_some());
+                }
+            }
+        }
+        assert!(hits > 5000, "the members were found often: {hits}");
     }
 
     #[test]
