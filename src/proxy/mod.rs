@@ -84,7 +84,7 @@ impl Proxy {
     ) -> Result<Response<Body>, Error> {
         // Looked up first so that every outcome, refusals included, is labelled by its route.
         let route = snap.routes.find(req.method(), req.uri().path());
-        ctx.route = route.map(|r| (r.label.clone(), r.series(&self.state.metrics).request_duration.clone()));
+        ctx.route = route.map(|r| (r.label.clone(), r.request_duration(&self.state.metrics).clone()));
         reject_key_in_url(req.uri(), &snap.config.auth.key_prefix)?;
         check_target(req.uri(), req.version(), req.headers())?;
         check_header_size(req.headers(), snap.config.limits.max_header_bytes)?;
@@ -280,7 +280,7 @@ impl Proxy {
                 e
             },
         )?;
-        route.series(&self.state.metrics).upstream_duration.observe(sent.upstream_time.as_secs_f64());
+        route.upstream_duration(&self.state.metrics).observe(sent.upstream_time.as_secs_f64());
         Ok(sent.response)
     }
 }
