@@ -42,6 +42,7 @@ pub struct Metrics {
 }
 
 /// One tier's series of `tollgate_tokens_total` and `tollgate_concurrent_requests`.
+#[derive(Debug)]
 pub struct TierMetrics {
     pub prompt_tokens: IntCounter,
     pub completion_tokens: IntCounter,

@@ -3,11 +3,12 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::AtomicI64;
-use std::sync::{Arc, Weak};
+use std::sync::{Arc, OnceLock, Weak};
 
 use http::{HeaderName, HeaderValue};
 
 use crate::keys::KeyRecord;
+use crate::metrics::{Metrics, TierMetrics};
 use crate::upstream::Identity;
 
 /// What the keys of one organisation, workspace, tier and scope set have in common. Interned:
@@ -22,11 +23,20 @@ pub struct Profile {
     pub scopes: Vec<String>,
     /// `x-tollgate-org`, `-tier` and `-scopes`, built once per profile rather than per request.
     pub identity: Identity,
+    /// The tier's series (`tollgate_tokens_total`, `tollgate_concurrent_requests`), looked up
+    /// in the registry's map on first use rather than twice per LLM request.
+    tier_metrics: OnceLock<Arc<TierMetrics>>,
 }
 
 impl Profile {
     pub fn scopes(&self) -> impl Iterator<Item = &str> + Clone {
         self.scopes.iter().map(String::as_str)
+    }
+
+    /// The series of this profile's tier. `metrics` is the process's one registry (profiles
+    /// live in the authenticator of the `State` that owns it).
+    pub fn tier_metrics(&self, metrics: &Metrics) -> &Arc<TierMetrics> {
+        self.tier_metrics.get_or_init(|| metrics.tier(&self.tier))
     }
 }
 
@@ -69,6 +79,7 @@ impl Profile {
             tier: r.tier.clone(),
             scopes: r.scopes.clone(),
             identity,
+            tier_metrics: OnceLock::new(),
         }
     }
 }

@@ -223,7 +223,7 @@ pub(crate) fn applies_to(scope: Scope) -> &'static str {
 }
 
 /// What `resolve` finds: the bucket, the entity whose state it is, and the kind of both.
-pub(crate) type Resolved<'a, C> = (&'a Arc<Bucket<C>>, &'a Arc<str>, Scope);
+pub(crate) type Resolved<'a, C = DefaultClock> = (&'a Arc<Bucket<C>>, &'a Arc<str>, Scope);
 
 /// A refused request: the 429 and the headers that go with it.
 #[derive(Debug)]
@@ -238,8 +238,6 @@ pub struct Rejection {
 type Buckets<C> = HashMap<String, Arc<Bucket<C>>, foldhash::fast::RandomState>;
 
 pub struct Limiter<C: Clock + Clone = DefaultClock> {
-    /// Whether any tier or override limits tokens or concurrency.
-    any_llm: bool,
     per: LimitPer,
     /// By name, from the config (looked up on every request: foldhash, as `Map`).
     tiers: Buckets<C>,
@@ -305,11 +303,7 @@ impl<C: Clock + Clone> Limiter<C> {
                 .collect()
         };
         let rl = &config.rate_limits;
-        let llm = |t: &Tier| t.counts_tokens() || t.max_concurrent_requests.is_some();
-        let any_llm =
-            config.tiers.values().chain(rl.org_overrides.values()).chain(rl.key_overrides.values()).any(llm);
         Limiter {
-            any_llm,
             per: rl.per,
             tiers: map(&config.tiers, previous.map(|p| &p.tiers)),
             orgs: map(&rl.org_overrides, previous.map(|p| &p.orgs)),
@@ -349,34 +343,33 @@ impl<C: Clock + Clone> Limiter<C> {
         estimate: Option<u64>,
         gauge: Option<prometheus::IntGauge>,
     ) -> Result<(Quota, Hold), Box<Rejection>> {
-        let hold = self.hold_for(key_id, org, tier, estimate, gauge)?;
-        let quota = self.check_shared(key_id, org, tier)?.with_tokens(&hold);
-        Ok((quota, hold))
+        let resolved = self.resolve(key_id, org, tier)?;
+        let (quota, hold) = self.admit(resolved, tier, Some((estimate, gauge)))?;
+        Ok((quota, hold.unwrap_or_default()))
     }
 
-    /// The limits that apply to this caller (its override's, or its tier's) when they go
-    /// beyond requests (tokens or concurrency); `None` otherwise. Without any such limit in the
-    /// config — the common case — nothing is looked up: the request path resolves only once,
-    /// in the decision.
-    pub fn llm_limits_of(&self, key_id: &Arc<str>, org: &Arc<str>, tier: &str) -> Option<Tier> {
-        if !self.any_llm {
-            return None;
-        }
-        let limits = self.resolve(key_id, org, tier).ok().map(|(b, _, _)| b.limits)?;
+    /// The limits of a caller that `resolve` found, when they go beyond requests (tokens or
+    /// concurrency): what the request path asks before it decides, on the same resolution.
+    pub(crate) fn llm_limits(resolved: &Resolved<'_, C>) -> Option<Tier> {
+        let limits = resolved.0.limits;
         (limits.counts_tokens() || limits.max_concurrent_requests.is_some()).then_some(limits)
     }
 
-    /// `hold` for a caller (see `check_llm`).
-    pub fn hold_for(
+    /// The decision of this process's state on a resolved caller (the request path resolves
+    /// once per request): with `hold`, an LLM request's slot and reservation first, given back
+    /// by dropping the hold if the request limits then refuse.
+    pub(crate) fn admit(
         &self,
-        key_id: &Arc<str>,
-        org: &Arc<str>,
+        (bucket, entity, _): Resolved<'_, C>,
         tier: &str,
-        estimate: Option<u64>,
-        gauge: Option<prometheus::IntGauge>,
-    ) -> Result<Hold, Box<Rejection>> {
-        let (bucket, entity, _) = self.resolve(key_id, org, tier)?;
-        self.hold(bucket, entity, tier, estimate, gauge)
+        hold: Option<(Option<u64>, Option<prometheus::IntGauge>)>,
+    ) -> Result<(Quota, Option<Hold>), Box<Rejection>> {
+        let Some((estimate, gauge)) = hold else {
+            return self.decide(bucket, entity, tier).map(|q| (q, None));
+        };
+        let hold = self.hold(bucket, entity, tier, estimate, gauge)?;
+        let quota = self.decide(bucket, entity, tier)?.with_tokens(&hold);
+        Ok((quota, Some(hold)))
     }
 
     /// The concurrency slot and the token reservation of one request, before the request

@@ -31,7 +31,8 @@ use crate::body::Body;
 use crate::error::Error;
 use crate::keys::api as keys_api;
 use crate::limits::redis::Want;
-use crate::limits::Hold;
+use crate::limits::{Hold, Limiter, Rejection, Resolved};
+use crate::metrics::TierMetrics;
 use crate::net::Peer;
 use crate::state::{Snapshot, State};
 use crate::upstream;
@@ -129,11 +130,13 @@ impl Proxy {
             return Ok(rsp);
         }
         route.check(principal.scopes())?;
-        // Resolved once: which limits apply, and whether they hold anything past the request.
-        let limits = snap.limiter.llm_limits_of(&principal.key_id, &principal.org, &principal.tier);
+        // Resolved once: which limits apply (the decision below uses the same), and whether
+        // they hold anything past the request.
+        let resolved = snap.limiter.resolve(&principal.key_id, &principal.org, &principal.tier);
+        let limits = resolved.as_ref().ok().and_then(Limiter::llm_limits);
         let holds = limits.is_some();
         if route.handler == Handler::Keys {
-            self.admit(snap, ctx, None, holds).await?;
+            self.admit(snap, ctx, resolved, None, holds).await?;
             return Box::pin(keys_api::handle(&self.state, snap, &principal, req)).await;
         }
         // An LLM request of a tier that counts tokens: its body is read for the estimate (and
@@ -149,11 +152,12 @@ impl Proxy {
             if let Some(reason) = prepared.unparsed {
                 self.state.metrics.usage_unparsed.with_label_values(&[reason]).inc();
             }
-            self.admit(snap, ctx, Some(prepared.estimate), true).await?;
-            return self.forward_holding(snap, req, ctx, route, &principal.tier, prepared.injected).await;
+            self.admit(snap, ctx, resolved, Some(prepared.estimate), true).await?;
+            let tier = principal.tier_metrics(&self.state.metrics);
+            return self.forward_holding(snap, req, ctx, route, tier, prepared.injected).await;
         }
-        self.admit(snap, ctx, None, holds).await?;
-        self.forward_holding(snap, req, ctx, route, &principal.tier, false).await
+        self.admit(snap, ctx, resolved, None, holds).await?;
+        self.forward_holding(snap, req, ctx, route, principal.tier_metrics(&self.state.metrics), false).await
     }
 
     /// Forwards; what the request holds (a concurrency slot, a token reservation) goes with a
@@ -166,7 +170,7 @@ impl Proxy {
         req: Request<impl Into<crate::body::Outgoing>>,
         ctx: &mut Ctx,
         route: &Route,
-        tier: &str,
+        tier: &Arc<TierMetrics>,
         injected: bool,
     ) -> Result<Response<Body>, Error> {
         let forwarded = self.forward(snap, req, ctx, route).await;
@@ -187,9 +191,15 @@ impl Proxy {
 
     /// Hands what the request holds to the response body, which gives it back — settled with
     /// the reported usage — when it ends.
-    fn settle_when_done(&self, rsp: &mut Response<Body>, hold: Hold, tier: &str, injected: bool) {
+    fn settle_when_done(
+        &self,
+        rsp: &mut Response<Body>,
+        hold: Hold,
+        tier: &Arc<TierMetrics>,
+        injected: bool,
+    ) {
         let counters = usage::settle::Counters {
-            tier: self.state.metrics.tier(tier),
+            tier: tier.clone(),
             unreported: self.state.metrics.usage_unreported.clone(),
         };
         let content_type = rsp.headers().get(http::header::CONTENT_TYPE).and_then(|v| v.to_str().ok());
@@ -213,25 +223,17 @@ impl Proxy {
         &self,
         snap: &Snapshot,
         ctx: &mut Ctx,
+        resolved: Result<Resolved<'_>, Box<Rejection>>,
         estimate: Option<u64>,
         holds: bool,
     ) -> Result<(), Error> {
         let Some(p) = ctx.principal.as_deref() else {
             return Ok(());
         };
-        let gauge = || self.state.metrics.tier(&p.tier).concurrent.clone();
+        let gauge = || p.tier_metrics(&self.state.metrics).concurrent.clone();
         let decided = match &self.state.fleet {
-            // Tokens and concurrency first: given back by dropping the hold if the request
-            // limits refuse.
-            None if holds => match snap.limiter.hold_for(&p.key_id, &p.org, &p.tier, estimate, Some(gauge()))
-            {
-                Err(r) => Err(r),
-                Ok(hold) => snap
-                    .limiter
-                    .check_shared(&p.key_id, &p.org, &p.tier)
-                    .map(|q| (q.with_tokens(&hold), Some(hold))),
-            },
-            None => snap.limiter.check_shared(&p.key_id, &p.org, &p.tier).map(|q| (q, None)),
+            None => resolved
+                .and_then(|r| snap.limiter.admit(r, &p.tier, holds.then(|| (estimate, Some(gauge()))))),
             // Boxed behind a `dyn`, so that the fleet's future (a Redis round trip under a
             // timeout) is neither part of every request's future nor inlined into `pipeline`:
             // sized and inlined, it took `pipeline` out of line in `handle` even where no fleet
